@@ -1,0 +1,52 @@
+"""Shared test fixtures: tiny LookWhere configurations and checkpoints in the authors' layout."""
+import pytest
+import torch
+
+import timm
+import timm_lookwhere  # noqa: F401  (registers the models)
+
+# A LookWhere small enough for fast CPU tests: 8x8 high-res grid, 3x3 selector grid.
+TINY = dict(img_size=112, embed_dim=32, depth=2, num_heads=2, selector_img_size=42, selector_depth=1, map_grid=8)
+
+
+def tiny_model(name='lookwhere_vitb_518', **kwargs):
+    torch.manual_seed(kwargs.pop('seed', 0))
+    model = timm.create_model(name, **dict(TINY, **kwargs))
+    randomize_(model)
+    return model.eval()
+
+
+def randomize_(module, scale=0.2):
+    """Make every parameter matter: timm inits layer-scale at 1e-5, which hides the blocks."""
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if 'norm' in name and name.endswith('weight'):
+                p.copy_(1 + scale * torch.randn_like(p))
+            elif name.endswith('gamma'):
+                p.copy_(0.5 + scale * torch.randn_like(p))
+            else:
+                p.copy_(scale * torch.randn_like(p))
+    return module
+
+
+def authors_layout(model):
+    """The authors' nested checkpoint of a model built by this package."""
+    sd = model.state_dict()
+    backbone = {k[len('selector.backbone.'):]: v.clone() for k, v in sd.items() if k.startswith('selector.backbone.')}
+    head = {k[len('selector.head.'):].replace('fc1', 'w1').replace('fc2', 'w2'): v.clone()
+            for k, v in sd.items() if k.startswith('selector.head.')}
+    extractor = {k: v.clone() for k, v in sd.items() if not k.startswith(('selector.', 'head.'))}
+    # the authors' extractor is a full timm ViT and carries its own (unused) prefix tokens
+    extractor['cls_token'] = torch.randn(1, 1, model.embed_dim)
+    if model.num_reg_tokens:
+        extractor['reg_token'] = torch.randn(1, model.num_reg_tokens, model.embed_dim)
+    return {'selector': {'backbone': backbone, 'head': head}, 'extractor': extractor}
+
+
+@pytest.fixture
+def images():
+    def make(batch=2, size=TINY['img_size'], seed=0, chans=3):
+        g = torch.Generator().manual_seed(seed)
+        size = (size, size) if isinstance(size, int) else size
+        return torch.randn(batch, chans, *size, generator=g)
+    return make
