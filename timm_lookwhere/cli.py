@@ -1,0 +1,30 @@
+"""`lookwhere` command line: each sub-command lives in its own module, which provides
+`add_subcommand(subparsers)` and sets `func` (called with the parsed args) on its parser."""
+import argparse
+import importlib
+import sys
+from typing import List, Optional
+
+# Modules that contribute sub-commands, in the order `lookwhere --help` lists them.
+SUBCOMMAND_MODULES: List[str] = []
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog='lookwhere', description='LookWhere models for timm.')
+    subparsers = parser.add_subparsers(dest='command', metavar='COMMAND')
+    for name in SUBCOMMAND_MODULES:
+        importlib.import_module(name).add_subcommand(subparsers)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, 'func', None) is None:
+        parser.print_help()
+        return 2
+    return args.func(args) or 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
