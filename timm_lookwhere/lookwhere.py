@@ -435,18 +435,24 @@ def checkpoint_filter_fn(
         if isinstance(pos, torch.Tensor) and pos.ndim == 3 and pos.shape[1] != grid[0] * grid[1]:
             state_dict[key] = resample_abs_pos_embed(
                 pos, new_size=grid, num_prefix_tokens=0, interpolation=interpolation, antialias=antialias)
-    head_weight = state_dict.get('head.weight')
-    if isinstance(model.head, nn.Identity) or (
-            head_weight is not None and head_weight.shape != model.head.weight.shape):
-        if head_weight is not None:
-            _logger.info('Dropping the checkpoint classifier head: it does not fit this model\'s head.')
-        state_dict.pop('head.weight', None)
-        state_dict.pop('head.bias', None)
-    check_state_dict_keys(state_dict, model)
+    head_weight = state_dict.pop('head.weight', None)
+    head_bias = state_dict.pop('head.bias', None)
+    if not isinstance(model.head, nn.Identity):
+        if head_weight is not None and head_weight.shape == model.head.weight.shape:
+            state_dict.update({'head.weight': head_weight, 'head.bias': head_bias})
+        else:  # a new task: keep the freshly initialised head
+            _logger.info('Checkpoint has no classifier head of this shape: the head starts from its init.')
+            state_dict.update({'head.weight': model.head.weight, 'head.bias': model.head.bias})
+    check_state_dict_keys(state_dict, model, ignore_prefix='head.')
     return state_dict
 
 
 def _create_lookwhere(variant: str, pretrained: bool = False, **kwargs) -> LookWhere:
+    overlay = kwargs.get('pretrained_cfg_overlay') or {}
+    if overlay.get('file') and 'num_classes' in kwargs and 'num_classes' not in overlay:
+        # A local file describes its own head: keep a fine-tuned classifier instead of letting the
+        # registry's num_classes (0 for the authors' feature weights) discard it.
+        kwargs['pretrained_cfg_overlay'] = dict(overlay, num_classes=kwargs['num_classes'])
     try:
         return build_model_with_cfg(
             LookWhere,

@@ -1,0 +1,285 @@
+"""The registered models and their timm API: shapes, k, selection hooks, training, cost, bad input."""
+import pytest
+import torch
+import torch.nn as nn
+from torch.utils.flop_counter import FlopCounterMode
+
+import timm
+from timm.optim import create_optimizer_v2
+
+from timm_lookwhere import LookWhere, SelectionRecorder
+
+from conftest import TINY, tiny_model
+
+MODEL_NAMES = ['lookwhere_vitb_518', 'lookwhere_vitb_franca_518', 'lookwhere_vits_518']
+
+
+def test_models_are_registered_with_their_pretrained_tags():
+    assert set(timm.list_models('lookwhere*')) == set(MODEL_NAMES)
+    assert set(timm.list_models('lookwhere*', pretrained=True)) == {
+        'lookwhere_vitb_518.dinov2', 'lookwhere_vitb_franca_518.franca'}
+    cfg = timm.get_pretrained_cfg('lookwhere_vitb_518.dinov2')
+    assert cfg.input_size == (3, 518, 518) and cfg.crop_pct == 1.0 and cfg.interpolation == 'bicubic'
+    assert cfg.mean == timm.data.IMAGENET_DEFAULT_MEAN and cfg.std == timm.data.IMAGENET_DEFAULT_STD
+    assert (cfg.hf_hub_id, cfg.hf_hub_filename, cfg.license) == ('antofuller/lookwhere', 'lookwhere_dinov2.pt', 'mit')
+    assert timm.get_pretrained_cfg('lookwhere_vitb_franca_518.franca').hf_hub_filename == 'lookwhere_franca.pt'
+
+
+@pytest.mark.full_size
+@pytest.mark.parametrize('name, width, prefix, selector_grid, selector_depth', [
+    ('lookwhere_vitb_518', 768, 5, 11, 3),
+    ('lookwhere_vitb_franca_518', 768, 1, 11, 3),
+    ('lookwhere_vits_518', 384, 5, 7, 6),
+])
+def test_registered_model_builds_and_runs_at_batch_1_and_3(name, width, prefix, selector_grid, selector_depth, images):
+    model = timm.create_model(name, num_classes=10).eval()
+    assert model.grid_size == (37, 37) and model.k == 136 and model.num_prefix_tokens == prefix
+    assert model.selector.grid_size == (selector_grid, selector_grid)
+    assert len(model.selector.backbone.blocks) == selector_depth and len(model.blocks) == 12
+    for batch in (1, 3):
+        x = images(batch, 518)
+        with torch.no_grad():
+            out = model.forward_all(x)
+            logits = model.forward_head(out['tokens'])
+        assert logits.shape == (batch, 10)
+        assert out['tokens'].shape == (batch, prefix + 136, width)
+        assert out['map'].shape == (batch, 1369) and out['indices'].shape == (batch, 136)
+        assert model.dense_from_tokens(out['tokens'], out['indices']).shape == (batch, width, 37, 37)
+
+
+def test_an_image_gives_the_same_result_whatever_batch_it_is_in(images):
+    model = tiny_model(num_classes=5)
+    x = images(4, seed=3)
+    with torch.no_grad():
+        together = model.forward_dense(x), model(x), model.forward_selection(x)['indices']
+        for i in range(4):
+            alone = model.forward_dense(x[i:i + 1]), model(x[i:i + 1]), model.forward_selection(x[i:i + 1])['indices']
+            shuffled = torch.cat([x[i:i + 1], x[:i], x[i + 1:]])
+            with_others = model(shuffled)[0]
+            assert torch.equal(alone[2][0], together[2][i])
+            torch.testing.assert_close(alone[0][0], together[0][i], atol=1e-5, rtol=0)
+            torch.testing.assert_close(alone[1][0], together[1][i], atol=1e-5, rtol=0)
+            torch.testing.assert_close(with_others, together[1][i], atol=1e-5, rtol=0)
+
+
+def test_outputs_follow_timm_conventions(images):
+    model = tiny_model(num_classes=7)
+    x = images(2)
+    with torch.no_grad():
+        feats = model.forward_features(x)
+        assert feats.shape == (2, model.num_prefix_tokens + model.k, 32)
+        assert torch.equal(model.forward_head(feats, pre_logits=True), feats[:, 0])
+        torch.testing.assert_close(model(x), model.get_classifier()(feats[:, 0]))
+        model.reset_classifier(0)
+        assert isinstance(model.get_classifier(), nn.Identity) and model(x).shape == (2, 32)
+        model.reset_classifier(3, global_pool='avg')
+        assert model(x).shape == (2, 3)
+        torch.testing.assert_close(model.forward_head(feats, pre_logits=True),
+                                   feats[:, model.num_prefix_tokens:].mean(1))
+    assert tiny_model(num_classes=0)(x).shape == (2, 32)
+
+
+def test_timm_kwargs_reach_the_model():
+    model = tiny_model(num_classes=4, global_pool='avg', in_chans=1, drop_rate=0.3, drop_path_rate=0.2)
+    assert model.in_chans == 1 and model.global_pool == 'avg' and model.head_drop.p == 0.3
+    assert model.blocks[-1].drop_path1.drop_prob == pytest.approx(0.2)
+    assert model(torch.randn(2, 1, 112, 112)).shape == (2, 4)
+
+
+def test_k_ratio_k_and_set_k(images):
+    assert tiny_model().k == 6  # default k_ratio 0.1 of 64 patches
+    assert tiny_model(k_ratio=0.25).k == 16
+    model = tiny_model(k=10)
+    assert model.k == 10 and model.forward_selection(images(1))['indices'].shape == (1, 10)
+    model.set_k(k_ratio=0.5)
+    assert model.k == 32 and model.forward_features(images(1)).shape[1] == model.num_prefix_tokens + 32
+    model.set_k(k=64)
+    assert model.forward_selection(images(1))['indices'].sort().values.tolist() == [list(range(64))]
+
+
+def test_non_square_and_larger_images(images):
+    model = tiny_model(img_size=(112, 196), k=12)
+    assert model.grid_size == (8, 14) and model.num_patches == 112
+    x = images(2, (112, 196))
+    with torch.no_grad():
+        assert model.forward_dense(x).shape == (2, 32, 8, 14)
+        sel = model.forward_selection(x)
+    assert sel['map'].shape == (2, 112) and int(sel['indices'].max()) < 112
+
+
+def test_selection_is_the_top_k_of_the_map_best_first(images):
+    model = tiny_model(k=9)
+    sel = model.forward_selection(images(3))
+    expected = sel['map'].topk(9, dim=1).indices
+    assert torch.equal(sel['indices'], expected)
+    scores = sel['map'].gather(1, sel['indices'])
+    assert (scores[:, :-1] >= scores[:, 1:]).all()
+
+
+def test_forward_hook_reads_the_map_and_the_indices(images):
+    model = tiny_model()
+    seen = {}
+    model.topk.register_forward_hook(lambda m, args, out: seen.update(map=args[0], indices=out))
+    x = images(2)
+    with torch.no_grad():
+        model(x)
+    sel = model.forward_selection(x)
+    assert torch.equal(seen['indices'], sel['indices'])
+    torch.testing.assert_close(seen['map'], sel['map'])
+
+
+def test_forward_hook_can_replace_the_selection(images):
+    model = tiny_model(k=8)
+    fixed = torch.arange(8)
+    handle = model.topk.register_forward_hook(lambda m, args, out: fixed.expand(len(args[0]), -1))
+    x = images(2)
+    with torch.no_grad():
+        out = model.forward_all(x)
+    assert torch.equal(out['indices'], fixed.expand(2, -1))
+    handle.remove()
+    # a random-selection ablation changes what the extractor sees
+    gen = torch.Generator().manual_seed(0)
+    model.topk.register_forward_hook(
+        lambda m, args, out: torch.rand(args[0].shape, generator=gen).topk(m.k, dim=1).indices)
+    with torch.no_grad():
+        random_out = model.forward_all(x)
+    assert not torch.equal(random_out['indices'], out['indices'])
+    assert random_out['tokens'].shape == out['tokens'].shape
+
+
+def test_hook_returning_a_wrong_selection_is_a_clear_error(images):
+    model = tiny_model()
+    model.topk.register_forward_hook(lambda m, args, out: out.float())
+    with pytest.raises(ValueError, match='integer patch ids'):
+        model(images(1))
+
+
+def test_selection_recorder_keeps_every_forward(images):
+    model = tiny_model()
+    with SelectionRecorder(model) as rec:
+        with torch.no_grad():
+            model(images(2, seed=0))
+            model(images(1, seed=1))
+    model(images(1))  # after the block nothing more is recorded
+    assert [r['indices'].shape for r in rec.records] == [(2, model.k), (1, model.k)]
+    assert rec.records[0]['map'].shape == (2, 64)
+    assert torch.equal(rec.records[1]['indices'], model.forward_selection(images(1, seed=1))['indices'])
+
+
+def test_training_updates_extractor_and_head_but_not_the_frozen_selector(images):
+    model = tiny_model(num_classes=3).train()
+    assert not any(p.requires_grad for p in model.selector.parameters())
+    assert not model.selector.training  # a frozen selector stays in eval mode
+    names = {n for n, _ in model.named_parameters()}
+    assert not {'cls_token', 'reg_token'} & names  # the extractor has no unused prefix tokens
+    loss = model(images(2)).logsumexp(1).sum()
+    loss.backward()
+    unused = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert unused == []  # DDP with find_unused_parameters=False will not complain
+    assert all(p.grad is None for p in model.selector.parameters())
+
+
+def test_unfrozen_selector_trains_through_its_prefix_tokens(images):
+    model = tiny_model(num_classes=3, freeze_selector=False).train()
+    assert model.selector.training
+    model(images(2)).sum().backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    assert grads['selector.backbone.cls_token'] is not None
+    assert all(g is not None for g in grads.values())
+    assert not model.selector.head.fc1.weight.requires_grad  # only a map loss can teach the map head
+    model.set_selector_trainable(True, head=True)
+    assert model.selector.head.fc1.weight.requires_grad
+
+
+def test_frozen_selector_runs_without_autograd(images):
+    model = tiny_model(num_classes=3).train()
+    out = model.forward_all(images(1))
+    assert not out['map'].requires_grad and out['tokens'].requires_grad
+
+
+def test_layer_decay_weight_decay_and_grad_checkpointing(images):
+    model = tiny_model(num_classes=3)
+    opt = create_optimizer_v2(model, 'adamw', lr=1e-3, weight_decay=0.05, layer_decay=0.7)
+    group_of = {id(p): g for g in opt.param_groups for p in g['params']}
+    assert set(group_of) == {id(p) for p in model.parameters() if p.requires_grad}  # the frozen selector is out
+    assert len({g['lr_scale'] for g in opt.param_groups}) == 4  # stem, 2 blocks, head/norm
+    stem, block0, head = (group_of[id(p)] for p in (model.pos_embed, model.blocks[0].attn.qkv.weight,
+                                                     model.head.weight))
+    assert stem['lr_scale'] < block0['lr_scale'] < head['lr_scale'] == 1.0
+    assert stem['weight_decay'] == 0 and block0['weight_decay'] == 0.05
+
+    x = images(2)
+    model.train()
+    torch.manual_seed(0)
+    plain = model(x).sum()
+    plain.backward()
+    grad = model.blocks[0].attn.qkv.weight.grad.clone()
+    model.zero_grad()
+    model.set_grad_checkpointing(True)
+    torch.manual_seed(0)
+    ckpt = model(x).sum()
+    ckpt.backward()
+    torch.testing.assert_close(ckpt, plain)
+    torch.testing.assert_close(model.blocks[0].attn.qkv.weight.grad, grad)
+
+
+def test_only_the_chosen_patches_are_embedded(images):
+    model = tiny_model(k=5)
+    calls = []
+    model.patch_embed.proj.register_forward_hook(lambda *a: calls.append(1))
+    with FlopCounterMode(display=False) as small:
+        model(images(1, 112))
+    big_model = tiny_model(k=5, img_size=224)
+    big_model.patch_embed.proj.register_forward_hook(lambda *a: calls.append(1))
+    with FlopCounterMode(display=False) as big:
+        big_model(images(1, 224))
+    assert calls == []  # the full-image conv never runs
+    # at the same k, a 4x larger image costs no extra FLOPs: no step touches every high-res patch
+    assert big.get_total_flops() == small.get_total_flops()
+
+
+@pytest.mark.parametrize('kwargs, error, match', [
+    (dict(img_size=100), ValueError, 'multiples of the patch size'),
+    (dict(img_size=(112, 120)), ValueError, 'multiples of the patch size'),
+    (dict(k=0), ValueError, 'between 1 and the 64 patches'),
+    (dict(k=65), ValueError, 'between 1 and the 64 patches'),
+    (dict(k=2.5), TypeError, 'k must be an int'),
+    (dict(k_ratio=0.0), ValueError, r'k_ratio must be in \(0, 1\]'),
+    (dict(k_ratio=1.5), ValueError, r'k_ratio must be in \(0, 1\]'),
+    (dict(k_ratio='0.1'), TypeError, 'k_ratio must be a float'),
+    (dict(k=4, k_ratio=0.1), ValueError, 'exactly one of k or k_ratio'),
+    (dict(global_pool='max'), ValueError, 'global_pool'),
+])
+def test_bad_model_arguments_are_clear_errors(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        tiny_model(**kwargs)
+
+
+@pytest.mark.parametrize('shape, match', [
+    ((1, 4, 112, 112), 'expected 3 input channels, got 4'),
+    ((1, 3, 112, 100), 'multiples of the patch size 14, got 112x100'),
+    ((1, 3, 224, 224), 'built for 112x112 images, got 224x224'),
+    ((3, 112, 112), r'expected an image batch \(B, C, H, W\)'),
+])
+def test_bad_input_is_a_clear_error(shape, match):
+    model = tiny_model()
+    with pytest.raises(ValueError, match=match):
+        model(torch.randn(*shape))
+    with pytest.raises(ValueError, match=match):
+        model.forward_selection(torch.randn(*shape))
+
+
+def test_set_k_rejects_bad_values():
+    model = tiny_model()
+    for kwargs, error in [(dict(), ValueError), (dict(k=-1), ValueError), (dict(k=True), TypeError),
+                          (dict(k_ratio=-0.1), ValueError)]:
+        with pytest.raises(error):
+            model.set_k(**kwargs)
+    assert model.k == 6  # unchanged after the failed calls
+
+
+def test_model_is_a_lookwhere_with_the_selector_at_its_own_resolution():
+    model = tiny_model(img_size=(224, 336))
+    assert isinstance(model, LookWhere)
+    assert model.selector.img_size == (42, 42) and model.selector.multiplier == 3
+    assert model.pos_embed.shape == (1, 16 * 24, TINY['embed_dim'])
