@@ -50,3 +50,23 @@ def images():
         size = (size, size) if isinstance(size, int) else size
         return torch.randn(batch, chans, *size, generator=g)
     return make
+
+
+def write_hub_snapshot(cache, repo_id, folder, revision='b' * 40):
+    """Every file of `folder` in a Hugging Face cache under `cache`, laid out as the Hub client leaves it
+    (models--ORG--NAME/blobs by hash, snapshots/REV/ symlinks, refs/main)."""
+    import hashlib
+    import os
+    from pathlib import Path
+    repo_dir = Path(cache) / f'models--{repo_id.replace("/", "--")}'
+    snapshot = repo_dir / 'snapshots' / revision
+    snapshot.mkdir(parents=True)
+    (repo_dir / 'blobs').mkdir(exist_ok=True)
+    for file in sorted(Path(folder).iterdir()):
+        payload = file.read_bytes()
+        blob = repo_dir / 'blobs' / hashlib.sha256(payload).hexdigest()
+        blob.write_bytes(payload)
+        (snapshot / file.name).symlink_to(os.path.relpath(blob, snapshot))
+    (repo_dir / 'refs').mkdir(exist_ok=True)
+    (repo_dir / 'refs' / 'main').write_text(revision)
+    return snapshot

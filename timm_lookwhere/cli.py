@@ -6,7 +6,7 @@ import sys
 from typing import List, Optional
 
 # Modules that contribute sub-commands, in the order `lookwhere --help` lists them.
-SUBCOMMAND_MODULES: List[str] = []
+SUBCOMMAND_MODULES: List[str] = ['timm_lookwhere.distill', 'timm_lookwhere.export', 'timm_lookwhere.demo']
 
 
 def build_parser() -> argparse.ArgumentParser:

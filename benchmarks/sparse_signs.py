@@ -1,0 +1,662 @@
+#!/usr/bin/env python3
+""" Sparse traffic signs, end to end: does LookWhere learn where to look?
+
+The paper's pipeline on `timm_lookwhere.data`'s procedural scenes (one sign covering 1-2% of a
+cluttered 256 px image, 14 classes), with the project's own tools, on a CPU:
+
+    data      the distillation images as an ImageFolder (train split)
+    teacher   a full-resolution ViT (the LookWhere extractor's size, all 256 patches), trained on labels:
+              first on 128 px windows around the sign at their true positions (4x cheaper per image:
+              it learns what signs look like), then on whole scenes (it learns to find them)
+    distill   `python -m timm_lookwhere.distill`: selector and extractor from the frozen teacher
+    finetune  LookWhere with the selector frozen (the paper's recipe), k drawn per step from 2-10%;
+              the classifier starts from the teacher's (the extractor's cls token was distilled to
+              match the teacher's)
+    lowres    the baseline at equal cost: the teacher fine-tuned on a low-res copy of the image, at
+              the resolution whose FLOPs match LookWhere at k = 5%
+    export    fp16 safetensors of LookWhere and of the teacher (`--ship` copies them into the package)
+    evaluate  on the test split, from the exported files: accuracy, GFLOPs, CPU latency, and random
+              selection at the same k (a forward hook on `model.topk` replaces LookWhere's choice)
+
+Every stage keeps its output in --output and is skipped when it is there, so a stopped run goes on
+where it stopped (distillation resumes mid-run). Progress goes to the console and OUTPUT/run.log.
+
+    python benchmarks/sparse_signs.py --output runs/sparse_signs --ship    # the full run
+    python benchmarks/sparse_signs.py --output /tmp/ss_tiny --tiny        # every stage on a tiny model, ~2 min
+"""
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from torch.utils.data import DataLoader, Dataset
+from torch.utils.flop_counter import FlopCounterMode
+
+import timm
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_loader
+from timm.layers import resample_abs_pos_embed
+from timm.loss import LabelSmoothingCrossEntropy
+from timm.optim import create_optimizer_v2
+from timm.scheduler import create_scheduler_v2
+
+import timm_lookwhere  # noqa: F401  (registers the models)
+from timm_lookwhere import SelectionRecorder
+from timm_lookwhere.data import CLASS_NAMES, SparseSigns, write_image_folder
+from timm_lookwhere.demo import (
+    SIGNS_MODEL, SIGNS_TEACHER_FILE, SIGNS_WEIGHTS_FILE, TEACHER_BASE, dense_counterpart_kwargs,
+)
+
+_logger = logging.getLogger('sparse_signs')
+
+K_RATIOS = (0.02, 0.05, 0.10)
+STAGES = ('data', 'teacher', 'distill', 'finetune', 'lowres', 'export', 'evaluate')
+MEAN = torch.tensor(IMAGENET_DEFAULT_MEAN).view(1, 3, 1, 1)
+STD = torch.tensor(IMAGENET_DEFAULT_STD).view(1, 3, 1, 1)
+
+
+@dataclasses.dataclass
+class RunConfig:
+    """Sizes of every stage. FULL is the run of the results table, TINY a smoke test of the code."""
+    model_kwargs: Dict[str, Any]  # overrides of the lookwhere_vitt16_256 architecture
+    distill_images: int  # ImageFolder size for distillation
+    window_steps: int  # teacher phase 1: 128 px windows around the sign
+    teacher_steps: int  # teacher phase 2: whole scenes
+    teacher_batch: int
+    teacher_lr: float
+    distill_steps: int
+    distill_batch: int
+    distill_lr: float
+    map_weight: float  # the selector's share of the distillation loss
+    finetune_steps: int
+    finetune_batch: int
+    finetune_lr: float
+    lowres_steps: int
+    lowres_lr: float
+    val_images: int
+    test_images: int
+    latency_runs: int
+    window: int = 8  # side of the teacher's phase-1 windows, in patches
+
+
+FULL = RunConfig(
+    model_kwargs={}, distill_images=4000, window_steps=700, teacher_steps=250, teacher_batch=32, teacher_lr=1e-3,
+    distill_steps=300, distill_batch=32, distill_lr=3e-4, map_weight=0.5,
+    finetune_steps=300, finetune_batch=32, finetune_lr=3e-4, lowres_steps=300, lowres_lr=3e-4,
+    val_images=500, test_images=2000, latency_runs=60,
+)
+TINY = RunConfig(
+    model_kwargs=dict(embed_dim=32, depth=2, num_heads=2), distill_images=28, window_steps=3, teacher_steps=3,
+    teacher_batch=4, teacher_lr=1e-3, distill_steps=3, distill_batch=4, distill_lr=3e-4, map_weight=0.5,
+    finetune_steps=3, finetune_batch=4, finetune_lr=3e-4, lowres_steps=3, lowres_lr=3e-4,
+    val_images=8, test_images=16, latency_runs=3,
+)
+
+
+# --------------------------------------------------------------------------------------------
+# helpers
+
+
+class Progress:
+    """Logs a stage's step, loss, speed and time left at most every `every` seconds (and at the end)."""
+
+    def __init__(self, stage: str, total: int, every: float = 30.):
+        self.stage, self.total, self.every = stage, total, every
+        self.start = self.last = time.perf_counter()
+
+    def update(self, step: int, **values: float) -> None:
+        now = time.perf_counter()
+        if now - self.last < self.every and step != self.total:
+            return
+        self.last = now
+        elapsed = now - self.start
+        eta = elapsed / step * (self.total - step)
+        shown = ' '.join(f'{k} {v:.4g}' for k, v in values.items())
+        _logger.info(f'{self.stage}: step {step}/{self.total} {shown} | {elapsed / 60:.1f} min, '
+                     f'{eta / 60:.1f} min left')
+
+
+def normalize(x: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, 3, H, W) -> ImageNet-normalised float."""
+    return (x.float() / 255 - MEAN) / STD
+
+
+def to_uint8_tensor(image) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)  # (3, H, W)
+
+
+class _SceneTensors(Dataset):
+    """Scenes as uint8 tensors with their label and sign box, for caching an evaluation split."""
+
+    def __init__(self, signs: SparseSigns):
+        self.signs = signs
+
+    def __len__(self) -> int:
+        return len(self.signs)
+
+    def __getitem__(self, index: int):
+        scene = self.signs.scene(index)
+        return to_uint8_tensor(scene.image), scene.label, torch.tensor(scene.box)
+
+
+def load_split(out: str, split: str, num: int, img_size: int, workers: int) -> Dict[str, torch.Tensor]:
+    """A val/test split as uint8 images (N, 3, H, W), labels (N,), boxes (N, 4); cached in OUTPUT/cache."""
+    path = os.path.join(out, 'cache', f'{split}_{num}_{img_size}.pt')
+    if os.path.exists(path):
+        return torch.load(path)
+    _logger.info(f'generating {num} {split} scenes')
+    loader = DataLoader(_SceneTensors(SparseSigns(split, num, img_size)), batch_size=64, num_workers=workers)
+    images, labels, boxes = zip(*loader)
+    data = dict(images=torch.cat(images), labels=torch.cat(labels), boxes=torch.cat(boxes))
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    torch.save(data, path)
+    return data
+
+
+@torch.no_grad()
+def predict(model: nn.Module, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+    model.eval()
+    return torch.cat([model(normalize(images[i:i + batch_size])).argmax(1) for i in range(0, len(images), batch_size)])
+
+
+def accuracy(model: nn.Module, data: Dict[str, torch.Tensor]) -> float:
+    return (predict(model, data['images']) == data['labels']).float().mean().item()
+
+
+def gflops(model: nn.Module, img_size: int) -> float:
+    """Forward FLOPs of one image (torch's counter: 2 per multiply-add; matmuls, convolutions, attention)."""
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        model.eval()(torch.randn(1, 3, img_size, img_size))
+    return counter.get_total_flops() / 1e9
+
+
+def run_logged(cmd: List[str], log_path: str) -> None:
+    """Run a command, its output streamed to the console and appended to `log_path`."""
+    _logger.info('running: ' + ' '.join(cmd))
+    with open(log_path, 'a') as log, subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1) as proc:
+        for line in proc.stdout:
+            sys.stdout.write(line)
+            log.write(line)
+            log.flush()
+    if proc.returncode:
+        raise RuntimeError(f'command failed with exit code {proc.returncode}: {" ".join(cmd)}')
+
+
+# --------------------------------------------------------------------------------------------
+# models
+
+
+def create_lookwhere(cfg: RunConfig, **kwargs) -> nn.Module:
+    return timm.create_model(SIGNS_MODEL, **dict(cfg.model_kwargs, **kwargs))
+
+
+def create_teacher(cfg: RunConfig, img_size: int = 256, file: Optional[str] = None) -> nn.Module:
+    """The full-res ViT: the architecture of the LookWhere extractor, every patch, its own cls token."""
+    kwargs = dense_counterpart_kwargs(create_lookwhere(cfg, num_classes=len(CLASS_NAMES)))
+    kwargs['img_size'] = img_size
+    if file is None:
+        # layer scale starting at 1: a plain ViT at init, which trains from scratch faster than DINOv2's 1e-5
+        return timm.create_model(TEACHER_BASE, **dict(kwargs, init_values=1.0))
+    # timm resizes the position embedding to img_size; num_classes in the overlay keeps the head
+    overlay = dict(file=file, num_classes=len(CLASS_NAMES))
+    return timm.create_model(TEACHER_BASE, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
+
+
+class LowResViT(nn.Module):
+    """A ViT on a low-res copy of the high-res input (bilinear with antialiasing: a proper downscale)."""
+
+    def __init__(self, vit: nn.Module, img_size: int):
+        super().__init__()
+        self.vit = vit
+        self.img_size = img_size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.interpolate(x, size=(self.img_size, self.img_size), mode='bilinear', antialias=True, align_corners=False)
+        return self.vit(x)
+
+
+def window_forward(vit: nn.Module, crops: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """Logits of a full-res timm ViT (no_embed_class) on windows of the image at their true positions.
+
+    crops (B, 3, w*p, w*p) are the windows, rows/cols (B,) their top-left patch; the patches get the
+    position embeddings they have in the whole image, exactly as when the ViT sees all of it.
+    """
+    proj = vit.patch_embed.proj
+    p, grid_cols = proj.stride[0], vit.patch_embed.grid_size[1]
+    x = F.conv2d(crops, proj.weight, proj.bias, stride=p).flatten(2).transpose(1, 2)  # (B, w*w, D)
+    w = crops.shape[-1] // p
+    r, c = torch.meshgrid(torch.arange(w), torch.arange(w), indexing='ij')
+    index = (rows[:, None] + r.flatten()) * grid_cols + cols[:, None] + c.flatten()  # (B, w*w)
+    x = x + vit.pos_embed[0][index]
+    x = torch.cat([vit.cls_token.expand(len(x), -1, -1), x], dim=1)  # (B, 1 + w*w, D)
+    x = vit.norm(vit.blocks(vit.norm_pre(x)))
+    return vit.forward_head(x)
+
+
+class SignWindows(Dataset):
+    """Training scenes cut to a window of `window` x `window` patches that holds the whole sign,
+    at a random place around it: (normalised crop, label, top-left patch row, col)."""
+
+    def __init__(self, num: int, img_size: int, patch: int, window: int, seed: int):
+        self.signs = SparseSigns('train', num, img_size, seed=seed)
+        self.patch, self.window, self.seed = patch, window, seed
+        self.grid = img_size // patch
+
+    def __len__(self) -> int:
+        return len(self.signs)
+
+    def __getitem__(self, index: int):
+        scene = self.signs.scene(index)
+        rng = np.random.default_rng([self.seed, index, 7])
+        x0, y0, x1, y1 = (v // self.patch for v in (scene.box[0], scene.box[1], scene.box[2] - 1, scene.box[3] - 1))
+        # top-left patches from which the window still covers the box, kept inside the image
+        col = int(rng.integers(max(0, x1 - self.window + 1), min(x0, self.grid - self.window) + 1))
+        row = int(rng.integers(max(0, y1 - self.window + 1), min(y0, self.grid - self.window) + 1))
+        side = self.window * self.patch
+        crop = to_uint8_tensor(scene.image)[:, row * self.patch:row * self.patch + side,
+                                            col * self.patch:col * self.patch + side]
+        return normalize(crop[None])[0], scene.label, row, col
+
+
+def fit(
+        stage: str,
+        model: nn.Module,
+        batches,
+        steps: int,
+        lr: float,
+        forward: Callable,
+        before_step: Optional[Callable[[int], None]] = None,
+        weight_decay: float = 0.05,
+) -> None:
+    """Supervised training: AdamW, warm-up then cosine (timm's optimizer and scheduler), label smoothing 0.1.
+
+    `batches` yields tuples whose first two items are inputs and labels; `forward(model, batch)` gives logits.
+    """
+    optimizer = create_optimizer_v2(model, 'adamw', lr=lr, weight_decay=weight_decay)
+    warmup = max(1, steps // 10)
+    scheduler, _ = create_scheduler_v2(
+        optimizer, 'cosine', num_epochs=steps - warmup, warmup_epochs=warmup, warmup_prefix=True,
+        warmup_lr=lr / 100, min_lr=lr / 100, step_on_epochs=False, updates_per_epoch=1)
+    criterion = LabelSmoothingCrossEntropy(0.1)
+    params = [p for p in model.parameters() if p.requires_grad]
+    progress = Progress(stage, steps)
+    loss_avg = acc_avg = None
+    model.train()
+    for step, batch in enumerate(batches, start=1):
+        if step > steps:
+            break
+        scheduler.step_update(step - 1)
+        if before_step is not None:
+            before_step(step)
+        logits = forward(model, batch)
+        loss = criterion(logits, batch[1])
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        acc = (logits.argmax(1) == batch[1]).float().mean().item()
+        loss_avg = loss.item() if loss_avg is None else 0.95 * loss_avg + 0.05 * loss.item()
+        acc_avg = acc if acc_avg is None else 0.95 * acc_avg + 0.05 * acc
+        progress.update(step, loss=loss_avg, train_acc=acc_avg, lr=optimizer.param_groups[0]['lr'])
+    model.eval()
+
+
+def scene_batches(num: int, batch_size: int, img_size: int, seed: int, workers: int):
+    """Fresh training scenes, normalised, through timm's loader (no augmentation: every scene is new)."""
+    dataset = SparseSigns('train', num, img_size, seed=seed)
+    return create_loader(
+        dataset, (3, img_size, img_size), batch_size, is_training=False, use_prefetcher=False, crop_pct=1.0,
+        interpolation='bilinear', mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD, num_workers=workers,
+        persistent_workers=False)
+
+
+# --------------------------------------------------------------------------------------------
+# stages
+
+
+def stage_data(args, cfg: RunConfig) -> None:
+    write_image_folder(os.path.join(args.output, 'data'), 'train', cfg.distill_images, seed=100)
+
+
+def stage_teacher(args, cfg: RunConfig) -> None:
+    torch.manual_seed(0)
+    teacher = create_teacher(cfg)
+    patch = teacher.patch_embed.patch_size[0]
+    windows = DataLoader(SignWindows(cfg.window_steps * cfg.teacher_batch, 256, patch, cfg.window, seed=0),
+                         batch_size=cfg.teacher_batch, num_workers=args.workers)
+    fit('teacher (windows)', teacher, windows, cfg.window_steps, cfg.teacher_lr,
+        lambda m, b: window_forward(m, b[0], b[2], b[3]))
+    scenes = scene_batches(cfg.teacher_steps * cfg.teacher_batch, cfg.teacher_batch, 256, 1, args.workers)
+    fit('teacher (scenes)', teacher, scenes, cfg.teacher_steps, cfg.teacher_lr / 2, lambda m, b: m(b[0]))
+    val = load_split(args.output, 'val', cfg.val_images, 256, args.workers)
+    _logger.info(f'teacher: val accuracy {accuracy(teacher, val):.4f}')
+    folder = os.path.join(args.output, 'teacher')
+    os.makedirs(folder, exist_ok=True)
+    state = teacher.state_dict()
+    # distillation builds the teacher without a classifier: give it the backbone alone
+    torch.save({k: v for k, v in state.items() if not k.startswith('head.')}, os.path.join(folder, 'backbone.pth'))
+    torch.save(state, os.path.join(folder, 'model.pth'))
+
+
+def stage_distill(args, cfg: RunConfig) -> None:
+    folder = os.path.join(args.output, 'distill')
+    last = os.path.join(folder, 'last.pth')
+    teacher_kwargs = dense_counterpart_kwargs(create_lookwhere(cfg, num_classes=0))
+    teacher_kwargs.pop('img_size')
+    teacher_kwargs.pop('num_classes')
+    cmd = [
+        sys.executable, '-m', 'timm_lookwhere.distill',
+        '--teacher', TEACHER_BASE, '--teacher-checkpoint', os.path.join(args.output, 'teacher', 'backbone.pth'),
+        '--teacher-kwargs', *[f'{k}={v}' for k, v in teacher_kwargs.items()],
+        '--attn-queries', 'cls',  # a supervised teacher's cls token is the one that looks at the sign
+        '--model', SIGNS_MODEL, '--model-kwargs', *[f'{k}={v}' for k, v in cfg.model_kwargs.items()],
+        '--data-dir', os.path.join(args.output, 'data'), '--no-aug', '--workers', str(min(args.workers, 1)),
+        '--batch-size', str(cfg.distill_batch), '--steps', str(cfg.distill_steps), '--lr', str(cfg.distill_lr),
+        '--warmup-steps', str(max(1, cfg.distill_steps // 10)), '--min-lr', str(cfg.distill_lr / 100),
+        '--map-weight', str(cfg.map_weight), '--clip-grad', '1.0',
+        '--log-every', '10', '--save-every', '50', '--device', 'cpu', '--output', folder,
+    ]
+    # k per step: distill's default range, the authors' 16..128 of 1369 patches scaled to this grid
+    if os.path.exists(last):
+        cmd.append('--resume')
+    run_logged(cmd, os.path.join(args.output, 'run.log'))
+
+
+def _distilled(cfg: RunConfig, out: str) -> nn.Module:
+    return create_lookwhere(cfg, pretrained=True, num_classes=len(CLASS_NAMES),
+                            pretrained_cfg_overlay=dict(file=os.path.join(out, 'distill', 'last.pth')))
+
+
+def stage_finetune(args, cfg: RunConfig) -> None:
+    torch.manual_seed(0)
+    model = _distilled(cfg, args.output)
+    teacher = create_teacher(cfg, file=os.path.join(args.output, 'teacher', 'model.pth'))
+    model.head.load_state_dict(teacher.head.state_dict())  # the distilled cls token speaks the teacher's language
+    k_lo, k_hi = (max(1, int(r * model.num_patches)) for r in (K_RATIOS[0], K_RATIOS[-1]))
+    k_generator = torch.Generator().manual_seed(0)
+
+    def draw_k(step: int) -> None:  # one model for every k of the table
+        model.set_k(k=int(torch.randint(k_lo, k_hi + 1, (1,), generator=k_generator)))
+
+    batches = scene_batches(cfg.finetune_steps * cfg.finetune_batch, cfg.finetune_batch, 256, 2, args.workers)
+    fit('finetune', model, batches, cfg.finetune_steps, cfg.finetune_lr, lambda m, b: m(b[0]), before_step=draw_k)
+    model.set_k(k_ratio=0.1)
+    val = load_split(args.output, 'val', cfg.val_images, 256, args.workers)
+    _logger.info(f'finetuned LookWhere: val accuracy at k=10% {accuracy(model, val):.4f}')
+    os.makedirs(os.path.join(args.output, 'finetune'), exist_ok=True)
+    torch.save(model.state_dict(), os.path.join(args.output, 'finetune', 'model.pth'))
+
+
+def lowres_size(cfg: RunConfig, out: str) -> int:
+    """The low-res side (a multiple of the patch) whose ViT costs about what LookWhere costs at k = 5%."""
+    model = create_lookwhere(cfg, num_classes=len(CLASS_NAMES), k_ratio=0.05)
+    target = gflops(model, 256)
+    patch = model.patch_embed.patch_size[0]
+    sizes = list(range(2 * patch, 256 + 1, patch))
+    costs = [gflops(LowResViT(create_teacher(cfg, img_size=s), s), 256) for s in sizes]
+    best = min(range(len(sizes)), key=lambda i: abs(math.log(costs[i] / target)))
+    _logger.info(f'low-res ViT: {sizes[best]} px costs {costs[best]:.4f} GFLOPs, LookWhere at 5% {target:.4f}')
+    return sizes[best]
+
+
+def stage_lowres(args, cfg: RunConfig) -> None:
+    torch.manual_seed(0)
+    size = lowres_size(cfg, args.output)
+    model = LowResViT(create_teacher(cfg, img_size=size, file=os.path.join(args.output, 'teacher', 'model.pth')), size)
+    batches = scene_batches(cfg.lowres_steps * cfg.finetune_batch, cfg.finetune_batch, 256, 3, args.workers)
+    fit('lowres', model, batches, cfg.lowres_steps, cfg.lowres_lr, lambda m, b: m(b[0]))
+    os.makedirs(os.path.join(args.output, 'lowres'), exist_ok=True)
+    torch.save(dict(img_size=size, state_dict=model.vit.state_dict()), os.path.join(args.output, 'lowres', 'model.pth'))
+
+
+def stage_export(args, cfg: RunConfig) -> None:
+    folder = os.path.join(args.output, 'export')
+    os.makedirs(folder, exist_ok=True)
+    sources = (
+        ('finetune', os.path.basename(SIGNS_WEIGHTS_FILE)),
+        ('teacher', os.path.basename(SIGNS_TEACHER_FILE)),
+    )
+    for stage, name in sources:
+        state = torch.load(os.path.join(args.output, stage, 'model.pth'), map_location='cpu', weights_only=True)
+        # fp16 halves the files; the evaluation below runs on these rounded weights
+        state = {k: v.half().contiguous() if v.is_floating_point() else v.contiguous() for k, v in state.items()}
+        save_file(state, os.path.join(folder, name), metadata=dict(source='benchmarks/sparse_signs.py', stage=stage))
+        _logger.info(f'exported {name}: {os.path.getsize(os.path.join(folder, name)) / 1e6:.2f} MB')
+
+
+def ship(args) -> None:
+    for target in (SIGNS_WEIGHTS_FILE, SIGNS_TEACHER_FILE):
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        shutil.copyfile(os.path.join(args.output, 'export', os.path.basename(target)), target)
+        _logger.info(f'shipped {target}')
+
+
+# --------------------------------------------------------------------------------------------
+# evaluation
+
+
+def random_selection(model: nn.Module, seed: int = 0):
+    """A forward hook on `model.topk` that replaces the selector's choice by k random patches."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def hook(topk, args, indices):
+        scores = torch.rand(args[0].shape, generator=generator)  # (B, N)
+        return scores.topk(topk.k, dim=1).indices
+    return model.topk.register_forward_hook(hook)
+
+
+def sign_patches_seen(indices: torch.Tensor, boxes: torch.Tensor, grid: int, patch: int) -> torch.Tensor:
+    """Fraction of the patches under each sign's box that were chosen: (B,) in [0, 1]."""
+    seen = []
+    for chosen, (x0, y0, x1, y1) in zip(indices.tolist(), boxes.tolist()):
+        under = {r * grid + c for r in range(y0 // patch, (y1 - 1) // patch + 1)
+                 for c in range(x0 // patch, (x1 - 1) // patch + 1)}
+        seen.append(len(under & set(chosen)) / len(under))
+    return torch.tensor(seen)
+
+
+def latencies(models: Dict[str, nn.Module], runs: int, batch_size: int, img_size: int = 256) -> Dict[str, float]:
+    """Median ms per forward of each model on the same random batch, the models taking turns in every
+    round, so load from other processes falls on all of them alike."""
+    x = torch.randn(batch_size, 3, img_size, img_size)
+    times = {name: [] for name in models}
+    with torch.no_grad():
+        for model in models.values():  # warm-up
+            model.eval()
+            for _ in range(3):
+                model(x)
+        for _ in range(runs):
+            for name, model in models.items():
+                start = time.perf_counter()
+                model(x)
+                times[name].append((time.perf_counter() - start) * 1e3)
+    return {name: float(np.median(t)) for name, t in times.items()}
+
+
+def stage_evaluate(args, cfg: RunConfig) -> Dict[str, Any]:
+    folder = os.path.join(args.output, 'export')
+    test = load_split(args.output, 'test', cfg.test_images, 256, args.workers)
+    num_classes = len(CLASS_NAMES)
+    teacher = create_teacher(cfg, file=os.path.join(folder, os.path.basename(SIGNS_TEACHER_FILE))).eval()
+    lookwhere = create_lookwhere(cfg, pretrained=True, num_classes=num_classes, pretrained_cfg_overlay=dict(
+        file=os.path.join(folder, os.path.basename(SIGNS_WEIGHTS_FILE)))).eval()
+    low = torch.load(os.path.join(args.output, 'lowres', 'model.pth'), map_location='cpu', weights_only=True)
+    lowres = LowResViT(create_teacher(cfg, img_size=low['img_size']), low['img_size'])
+    lowres.vit.load_state_dict(low['state_dict'])
+    lowres.eval()
+    grid, patch = lookwhere.grid_size[0], lookwhere.patch_embed.patch_size[0]
+
+    rows = []
+    _logger.info('evaluating the teacher and the low-res ViT')
+    rows.append(dict(model='full-res teacher (ViT, all patches)', patches=lookwhere.num_patches,
+                     acc=accuracy(teacher, test), gflops=gflops(teacher, 256)))
+    rows.append(dict(model=f'low-res ViT ({lowres.img_size} px copy)', patches=(lowres.img_size // patch) ** 2,
+                     acc=accuracy(lowres, test), gflops=gflops(lowres, 256)))
+    timed = dict(teacher=teacher, lowres=lowres)
+    for ratio in K_RATIOS:
+        model = create_lookwhere(cfg, pretrained=True, num_classes=num_classes, k_ratio=ratio, pretrained_cfg_overlay=dict(
+            file=os.path.join(folder, os.path.basename(SIGNS_WEIGHTS_FILE)))).eval()
+        for selection in ('LookWhere', 'random'):
+            _logger.info(f'evaluating {selection} selection at k={ratio:.0%}')
+            handle = random_selection(model) if selection == 'random' else None
+            with SelectionRecorder(model) as rec:
+                acc = accuracy(model, test)
+            if handle is not None:
+                handle.remove()
+            indices = torch.cat([r['indices'] for r in rec.records])
+            rows.append(dict(model=f'{selection} selection, k = {ratio:.0%}', patches=model.k, acc=acc,
+                             gflops=gflops(model, 256),
+                             sign_seen=sign_patches_seen(indices, test['boxes'], grid, patch).mean().item()))
+        timed[f'k={ratio:.0%}'] = model
+    _logger.info(f'timing on {torch.get_num_threads()} thread(s)')
+    lat1 = latencies(timed, cfg.latency_runs, 1)
+    lat64 = latencies(timed, max(3, cfg.latency_runs // 10), 64)
+    for row in rows:
+        key = 'teacher' if row['model'].startswith('full') else 'lowres' if row['model'].startswith('low') \
+            else 'k=' + row['model'].rsplit('= ', 1)[1]
+        row['ms_b1'], row['ms_per_img_b64'] = lat1[key], lat64[key] / 64
+    n = len(test['labels'])
+    for row in rows:  # 95% interval of an accuracy measured on n scenes (normal approximation)
+        row['acc_ci95'] = 1.96 * math.sqrt(max(row['acc'] * (1 - row['acc']), 1e-12) / n)
+    results = dict(
+        rows=rows, test_images=n, threads=torch.get_num_threads(), machine=f'{platform.processor() or platform.machine()}',
+        cpu_count=os.cpu_count(), load_average=os.getloadavg(), config=dataclasses.asdict(cfg),
+    )
+    with open(os.path.join(args.output, 'results.json'), 'w') as f:
+        json.dump(results, f, indent=2)
+    table = results_table(results)
+    with open(os.path.join(args.output, 'results.md'), 'w') as f:
+        f.write(table + '\n')
+    print(table)
+    plot_results(results, os.path.join(args.output, 'results.png'))
+    return results
+
+
+def results_table(results: Dict[str, Any]) -> str:
+    teacher = results['rows'][0]
+    lines = [
+        '| model | patches seen | test accuracy (%) | sign patches seen (%) | GFLOPs | latency, batch 1 (ms) '
+        '| speed-up vs teacher, batch 1 | ms / image, batch 64 | speed-up, batch 64 |',
+        '|---|---|---|---|---|---|---|---|---|',
+    ]
+    for row in results['rows']:
+        seen = f"{100 * row['sign_seen']:.1f}" if 'sign_seen' in row else '-'
+        lines.append(
+            f"| {row['model']} | {row['patches']} | {100 * row['acc']:.1f} ± {100 * row['acc_ci95']:.1f} | {seen} "
+            f"| {row['gflops']:.3f} | {row['ms_b1']:.2f} | {teacher['ms_b1'] / row['ms_b1']:.1f}x "
+            f"| {row['ms_per_img_b64']:.2f} | {teacher['ms_per_img_b64'] / row['ms_per_img_b64']:.1f}x |")
+    return '\n'.join(lines)
+
+
+def plot_results(results: Dict[str, Any], path: str) -> None:
+    """Accuracy against GFLOPs: LookWhere and random selection as k grows, the teacher, the low-res ViT."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    rows = results['rows']
+    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
+    for prefix, style, label in (('LookWhere', 'o-', 'LookWhere (k = 2, 5, 10%)'),
+                                 ('random', 's--', 'random patches (k = 2, 5, 10%)')):
+        sel = [r for r in rows if r['model'].startswith(prefix)]
+        ax.plot([r['gflops'] for r in sel], [100 * r['acc'] for r in sel], style, label=label)
+    ax.plot(rows[0]['gflops'], 100 * rows[0]['acc'], '*', markersize=14, label=rows[0]['model'])
+    ax.plot(rows[1]['gflops'], 100 * rows[1]['acc'], 'D', markersize=8, label=rows[1]['model'])
+    ax.axhline(100 / len(CLASS_NAMES), color='grey', lw=0.8, ls=':', label='chance')
+    ax.set_xscale('log')
+    ax.set_xlabel('GFLOPs per image (log scale)')
+    ax.set_ylabel(f"test accuracy (%), {results['test_images']} scenes")
+    ax.set_title('Sparse traffic signs: accuracy against compute')
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc='lower right')
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------------------------
+# main
+
+
+STAGE_OUTPUTS = {
+    'data': lambda out, cfg: os.path.join(out, 'data', 'train', 'done'),
+    'teacher': lambda out, cfg: os.path.join(out, 'teacher', 'model.pth'),
+    'distill': lambda out, cfg: os.path.join(out, 'distill', 'done'),
+    'finetune': lambda out, cfg: os.path.join(out, 'finetune', 'model.pth'),
+    'lowres': lambda out, cfg: os.path.join(out, 'lowres', 'model.pth'),
+    'export': lambda out, cfg: os.path.join(out, 'export', os.path.basename(SIGNS_TEACHER_FILE)),
+    'evaluate': lambda out, cfg: os.path.join(out, 'results.json'),
+}
+RUNNERS = dict(data=stage_data, teacher=stage_teacher, distill=stage_distill, finetune=stage_finetune,
+               lowres=stage_lowres, export=stage_export, evaluate=stage_evaluate)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--output', required=True, help='folder for every stage output, run.log and results')
+    parser.add_argument('--tiny', action='store_true', help='a tiny model and a few steps: checks the code only')
+    parser.add_argument('--stages', default=','.join(STAGES), help='comma-separated subset of ' + ','.join(STAGES))
+    parser.add_argument('--redo', action='store_true', help='run the stages given even when their output exists')
+    parser.add_argument('--ship', action='store_true',
+                        help='copy the exported weights into timm_lookwhere/weights (the pretrained tag)')
+    parser.add_argument('--workers', type=int, default=1, help='scene-generating processes (default: 1)')
+    parser.add_argument('--threads', type=int, default=1,
+                        help='torch threads (default: 1, while --workers processes draw the scenes: on 2 cores, '
+                             'and on a busy machine 2 threads wait on each other far more than they gain)')
+    args = parser.parse_args(argv)
+    unknown = set(args.stages.split(',')) - set(STAGES)
+    if unknown:
+        parser.error(f'unknown stages {sorted(unknown)}; choose from {STAGES}')
+    if args.ship and args.tiny:
+        parser.error('--ship copies weights into the package: not from a --tiny run')
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    os.makedirs(args.output, exist_ok=True)
+    logging.basicConfig(level=logging.INFO, format='%(asctime)s %(message)s', handlers=[
+        logging.StreamHandler(sys.stdout), logging.FileHandler(os.path.join(args.output, 'run.log'))])
+    cfg = TINY if args.tiny else FULL
+    torch.set_num_threads(args.threads)
+    os.environ['OMP_NUM_THREADS'] = str(args.threads)  # the distillation subprocess too
+    timings_path = os.path.join(args.output, 'timings.json')
+    timings = json.load(open(timings_path)) if os.path.exists(timings_path) else {}
+    wanted = args.stages.split(',')
+    for stage in STAGES:
+        if stage not in wanted:
+            continue
+        done = STAGE_OUTPUTS[stage](args.output, cfg)
+        if os.path.exists(done) and not args.redo:
+            _logger.info(f'{stage}: done before ({done})')
+            continue
+        _logger.info(f'{stage}: starting')
+        start = time.perf_counter()
+        RUNNERS[stage](args, cfg)
+        if done.endswith('done'):
+            open(done, 'w').close()
+        timings[stage] = timings.get(stage, 0) + time.perf_counter() - start
+        with open(timings_path, 'w') as f:
+            json.dump(timings, f, indent=2)
+        _logger.info(f'{stage}: finished in {timings[stage] / 60:.1f} min')
+    _logger.info(f'wall time of all stages: {sum(timings.values()) / 60:.1f} min ({timings_path})')
+    if args.ship:
+        ship(args)
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

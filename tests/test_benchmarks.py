@@ -1,0 +1,96 @@
+"""benchmarks/speed.py: its arguments, its plan, and one tiny configuration end to end (numbers not checked)."""
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / 'benchmarks'
+sys.path.insert(0, str(BENCHMARKS))
+
+import speed  # noqa: E402
+
+
+def test_quick_and_full_runs_get_their_documented_defaults():
+    quick = speed.parse_args(['--quick'])
+    assert (quick.sizes, quick.lookwhere_only_sizes, quick.batches, quick.reps) == ([518], [], [1], 2)
+    assert quick.out == BENCHMARKS / 'results' / 'quick'
+    full = speed.parse_args([])
+    assert (full.sizes, full.lookwhere_only_sizes, full.batches, full.reps) == ([518, 1036], [2072], [1, 8], 3)
+    assert (full.train_batch, full.target_batch, full.k_ratios) == (8, 4, [0.05, 0.1, 0.25, 0.5])
+    assert full.out == BENCHMARKS / 'results'
+
+
+def test_explicit_arguments_override_the_quick_defaults():
+    args = speed.parse_args(['--quick', '--sizes', '112', '224', '--reps', '5', '--batches', '2', '--out', 'x'])
+    assert (args.sizes, args.reps, args.batches, args.out) == ([112, 224], 5, [2], Path('x'))
+
+
+@pytest.mark.parametrize('argv', [['--sizes', '500'], ['--lookwhere-only-sizes', '100'], ['--reps', '0']])
+def test_bad_arguments_stop_with_a_message(argv):
+    with pytest.raises(SystemExit):
+        speed.parse_args(argv)
+
+
+def test_the_full_plan_measures_every_target_of_the_issue():
+    groups = speed.plan_groups(speed.parse_args([]))
+    for target in speed.TARGETS:
+        output = 'dense' if target['metric'] == 'dense_over_cls' else 'cls'
+        group = next(g for g in groups if (g.task, g.size, g.batch) == (target['task'], target['size'], target['batch']))
+        keys = {c.key for c in group.candidates}
+        assert speed.Candidate('lookwhere', target['size'], target['k_ratio'], output).key in keys
+        if target['metric'] in ('speedup', 'dense_over_cls'):
+            assert speed.Candidate('vit', target['size']).key in keys
+        if output == 'dense':
+            assert speed.Candidate('lookwhere', target['size'], target['k_ratio']).key in keys
+
+
+def test_lookwhere_only_sizes_have_no_full_vit():
+    groups = speed.plan_groups(speed.parse_args(['--lookwhere-only-sizes', '2072']))
+    at_2072 = [g for g in groups if g.size == 2072]
+    assert at_2072 and all(c.family == 'lookwhere' for g in at_2072 for c in g.candidates)
+
+
+def test_low_res_baseline_keeps_as_many_patches_as_lookwhere():
+    zoo = speed.ModelZoo()
+    assert zoo.kept_tokens(518, 0.1) == 136
+    assert zoo.lowres_size(518, 0.1) == 14 * 12  # 144 patches, the square closest to 136
+
+
+def test_tiny_configuration_runs_end_to_end(tmp_path):
+    results = speed.main([
+        '--tiny', '--sizes', '112', '--lookwhere-only-sizes', '224', '--lookwhere-only-k-ratios', '0.25',
+        '--batches', '1', '--k-ratios', '0.25', '--target-batch', '2', '--dense-sizes', '112',
+        '--dense-k-ratio', '0.25', '--train-batch', '1', '--train-k-ratio', '0.25', '--reps', '2',
+        '--memory', 'none', '--out', str(tmp_path),
+    ])
+    rows = {(r['task'], r['size'], r['batch'], r['key']): r for r in results['rows']}
+    assert set(rows) == {
+        ('infer', 112, 1, 'vit'), ('infer', 112, 1, 'lookwhere@0.25'), ('infer', 112, 1, 'lookwhere-dense@0.25'),
+        ('infer', 112, 1, 'lowres@0.25'), ('infer', 112, 2, 'vit'), ('infer', 112, 2, 'lookwhere@0.1'),
+        ('infer', 112, 2, 'lowres@0.1'), ('train', 112, 1, 'vit'), ('train', 112, 1, 'lookwhere@0.25'),
+        ('train', 112, 1, 'lowres@0.25'), ('infer', 224, 1, 'lookwhere@0.25'),
+    }
+    for row in rows.values():
+        assert len(row['raw']) == 2 and row['seconds']['min'] > 0 and row['gflop_per_image'] > 0
+    lookwhere = rows['infer', 112, 1, 'lookwhere@0.25']
+    assert lookwhere['flop_ratio'] > 1 and lookwhere['speedup']['median'] > 0
+    assert 0 < lookwhere['outside_blocks']['median'] < 1 and 0 < lookwhere['flop_share']['selector'] < 1
+    assert rows['infer', 112, 1, 'lookwhere-dense@0.25']['dense_over_cls']['median'] > 0
+    assert 'speedup' not in rows['infer', 224, 1, 'lookwhere@0.25']  # no full ViT there
+
+    saved = json.loads((tmp_path / 'speed.json').read_text())
+    assert saved['rows'] == json.loads(json.dumps(results['rows']))
+    assert [t['measured'] for t in saved['targets']] == [None] * len(speed.TARGETS)  # no target config ran
+    markdown = (tmp_path / 'speed.md').read_text()
+    assert '### inference, 112 px, batch 2' in markdown and '### Targets' in markdown
+    pytest.importorskip('matplotlib')
+    for plot in ('speedup_vs_k.png', 'time_vs_resolution.png', 'time_breakdown.png'):
+        assert (tmp_path / plot).read_bytes()[:4] == b'\x89PNG'
+
+
+def test_memory_probe_measures_one_call_in_a_fresh_process():
+    args = speed.parse_args(['--tiny', '--reps', '1'])
+    cand = speed.Candidate('lookwhere', 112, 0.25)
+    result = speed.measure_memory(cand, speed.Group('infer', 112, 2, [cand]), args)
+    assert result is not None and result['peak_mb'] > 0 and result['method']

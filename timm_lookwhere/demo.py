@@ -1,0 +1,402 @@
+""" `lookwhere demo` and `lookwhere show`: where a LookWhere model looks, drawn over the image.
+
+    lookwhere demo                                   # a generated street scene, the shipped sign model, offline
+    lookwhere demo --image photo.jpg --model lookwhere_vitb_518    # the authors' weights (Hugging Face Hub)
+    lookwhere show --model lookwhere_vitb_518 --checkpoint lookwhere_dinov2.pt --image photo.jpg
+
+The figure shows, left, what the extractor sees (the chosen high-res patches, the rest dimmed) and,
+right, the selector's map (softmax over the patches) with the chosen patches outlined.
+"""
+import argparse
+import os
+import time
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn as nn
+from PIL import Image, ImageDraw, ImageFont
+
+import timm
+from timm.data import ImageNetInfo, resolve_data_config
+from timm.models.vision_transformer import VisionTransformer
+from timm.utils import ParseKwargs
+
+from .data import CLASS_NAMES, generate_scene
+from .lookwhere import LookWhere, SelectionRecorder
+
+__all__ = [
+    'SIGNS_MODEL', 'SIGNS_WEIGHTS_FILE', 'SIGNS_TEACHER_FILE', 'TEACHER_BASE', 'dense_counterpart_kwargs',
+    'create_signs_teacher', 'load_image', 'to_input', 'draw_selection', 'figure_size', 'median_latency_ms',
+    'add_subcommand',
+]
+
+SIGNS_MODEL = 'lookwhere_vitt16_256'
+SIGNS_TAG = 'sparse_signs'
+WEIGHTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'weights')
+SIGNS_WEIGHTS_FILE = os.path.join(WEIGHTS_DIR, 'lookwhere_vitt16_256_sparse_signs.safetensors')
+SIGNS_TEACHER_FILE = os.path.join(WEIGHTS_DIR, 'vit_teacher_vitt16_256_sparse_signs.safetensors')
+# The timm entry the dense ViTs are built from: its defaults (no position embedding slot for the
+# cls token, ImageNet mean/std) are the LookWhere ones; its size comes from dense_counterpart_kwargs.
+TEACHER_BASE = 'vit_small_patch14_reg4_dinov2'
+
+PANEL_TARGET = 512  # images are shown enlarged by a whole factor up to about this side
+MARGIN = 8
+HEADER = 64
+CHOSEN_COLOUR = (60, 255, 120)
+_INFERNO = np.array([(0, 0, 4), (87, 16, 110), (188, 55, 84), (249, 142, 9), (252, 255, 164)], dtype=np.float32)
+
+
+# --------------------------------------------------------------------------------------------
+# models
+
+
+def dense_counterpart_kwargs(model: LookWhere) -> Dict[str, Any]:
+    """`timm.create_model(TEACHER_BASE, **kwargs)` arguments for a ViT with the extractor's blocks
+    that sees every patch: the full-resolution model LookWhere is compared with (and distilled from)."""
+    block = model.blocks[0]
+    kwargs = dict(
+        img_size=tuple(model.patch_embed.img_size), patch_size=model.patch_embed.patch_size[0],
+        embed_dim=model.embed_dim, depth=len(model.blocks), num_heads=block.attn.num_heads,
+        mlp_ratio=block.mlp.fc1.out_features / model.embed_dim, reg_tokens=model.num_reg_tokens,
+        init_values=None if isinstance(block.ls1, nn.Identity) else 1e-5, num_classes=model.num_classes,
+    )
+    if type(block.mlp).__name__ != 'Mlp':  # e.g. Franca's SwiGLU
+        kwargs.update(mlp_layer=type(block.mlp), act_layer=type(block.mlp.act))
+    if kwargs['img_size'][0] == kwargs['img_size'][1]:
+        kwargs['img_size'] = kwargs['img_size'][0]
+    return kwargs
+
+
+def create_signs_teacher(pretrained: bool = True, **kwargs) -> VisionTransformer:
+    """The full-resolution ViT the sparse-signs LookWhere was distilled from, with its shipped weights."""
+    model = timm.create_model(SIGNS_MODEL, num_classes=len(CLASS_NAMES), weight_init='skip')
+    args = dict(dense_counterpart_kwargs(model), **kwargs)
+    if not pretrained:
+        return timm.create_model(TEACHER_BASE, **args)
+    _check_shipped(SIGNS_TEACHER_FILE)
+    overlay = dict(file=SIGNS_TEACHER_FILE, num_classes=args['num_classes'])
+    return timm.create_model(TEACHER_BASE, pretrained=True, pretrained_cfg_overlay=overlay, **args)
+
+
+def _check_shipped(path: str) -> None:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f'the shipped weights {path} are missing: reinstall timm-lookwhere, or train them with '
+            f'`python benchmarks/sparse_signs.py --output runs/sparse_signs --ship`')
+
+
+def _create(args: argparse.Namespace) -> nn.Module:
+    kwargs = dict(args.model_kwargs or {})
+    if args.checkpoint:
+        if not os.path.isfile(args.checkpoint):
+            raise FileNotFoundError(f'--checkpoint {args.checkpoint} does not exist')
+        kwargs['pretrained_cfg_overlay'] = dict(file=args.checkpoint)
+    pretrained = args.pretrained or bool(args.checkpoint)
+    if pretrained and not args.checkpoint and args.model.split('.')[0] == SIGNS_MODEL:
+        _check_shipped(SIGNS_WEIGHTS_FILE)
+    model = timm.create_model(args.model, pretrained=pretrained, **kwargs)
+    if not isinstance(model, LookWhere):
+        raise ValueError(f'--model must be a LookWhere model, {args.model} is a {type(model).__name__}')
+    if args.k is not None:
+        model.set_k(k=args.k)
+    elif args.k_ratio is not None:
+        model.set_k(k_ratio=args.k_ratio)
+    elif _is_signs_model(model):
+        model.set_k(k_ratio=0.05)  # the shipped model's headline budget
+    return model.eval()
+
+
+def _is_signs_model(model: nn.Module) -> bool:
+    cfg = getattr(model, 'pretrained_cfg', {}) or {}
+    return cfg.get('architecture') == SIGNS_MODEL and model.num_classes == len(CLASS_NAMES)
+
+
+def class_names(model: nn.Module) -> Optional[Sequence[str]]:
+    if _is_signs_model(model):
+        return CLASS_NAMES
+    if model.num_classes == 1000:
+        info = ImageNetInfo()
+        return [info.index_to_description(i) for i in range(1000)]
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# images
+
+
+def load_image(path: str, size: Tuple[int, int]) -> Image.Image:
+    """An RGB image resized so it covers `size` (H, W), then cropped to it at the centre."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f'--image {path} does not exist')
+    try:
+        image = Image.open(path).convert('RGB')
+    except OSError as err:
+        raise ValueError(f'--image {path} is not an image Pillow can read: {err}') from None
+    h, w = size
+    scale = max(h / image.height, w / image.width)
+    resized = image.resize((max(w, round(image.width * scale)), max(h, round(image.height * scale))), Image.BICUBIC)
+    left, top = (resized.width - w) // 2, (resized.height - h) // 2
+    return resized.crop((left, top, left + w, top + h))
+
+
+def to_input(model: nn.Module, image: Image.Image) -> torch.Tensor:
+    """(1, 3, H, W) tensor normalised as the model's pretrained config says."""
+    cfg = resolve_data_config(model=model)
+    x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255).permute(2, 0, 1)[None]
+    mean, std = torch.tensor(cfg['mean']).view(1, 3, 1, 1), torch.tensor(cfg['std']).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+# --------------------------------------------------------------------------------------------
+# drawing
+
+
+def _colormap(values: np.ndarray) -> np.ndarray:
+    """[0, 1] -> RGB along an inferno-like ramp."""
+    pos = np.clip(values, 0, 1) * (len(_INFERNO) - 1)
+    low = np.floor(pos).astype(int).clip(0, len(_INFERNO) - 2)
+    frac = (pos - low)[..., None]
+    return _INFERNO[low] * (1 - frac) + _INFERNO[low + 1] * frac
+
+
+def _scale(image_size: Tuple[int, int]) -> int:
+    return max(1, PANEL_TARGET // max(image_size))
+
+
+def figure_size(image_size: Tuple[int, int]) -> Tuple[int, int]:
+    """(width, height) of the figure `draw_selection` makes for an image of (width, height)."""
+    s = _scale(image_size)
+    return 2 * image_size[0] * s + 3 * MARGIN, image_size[1] * s + HEADER + MARGIN
+
+
+def _font(size: int):
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1 has one bitmap size
+        return ImageFont.load_default()
+
+
+def draw_selection(
+        image: Image.Image,
+        scores: torch.Tensor,
+        indices: torch.Tensor,
+        grid: Tuple[int, int],
+        lines: Sequence[str] = (),
+) -> Image.Image:
+    """Two panels and a caption: the chosen patches (others dimmed), the selector's map with them outlined.
+
+    Args:
+        image: the RGB image as the model saw it.
+        scores: (N,) selector logits over the rows * cols high-res patches.
+        indices: (k,) chosen patch ids.
+        grid: (rows, cols) of the high-res grid.
+        lines: caption lines (at most two fit).
+    """
+    rows, cols = grid
+    if scores.numel() != rows * cols:
+        raise ValueError(f'{scores.numel()} scores for a {rows}x{cols} grid')
+    s = _scale(image.size)
+    w, h = image.width * s, image.height * s
+    big = np.asarray(image.resize((w, h), Image.NEAREST), dtype=np.float32)  # (h, w, 3)
+    ph, pw = h / rows, w / cols
+
+    chosen = torch.zeros(rows * cols, dtype=torch.bool)
+    chosen[indices.long()] = True
+    # grid -> pixels by nearest neighbour, exact even when the image side is not a multiple of the grid
+    ys, xs = np.arange(h) * rows // h, np.arange(w) * cols // w
+    to_pixels = lambda values: values.reshape(rows, cols)[ys][:, xs]  # noqa: E731
+
+    seen = to_pixels(chosen.numpy().astype(np.float32))[..., None]  # (h, w, 1)
+    left = big * (0.25 + 0.75 * seen)
+    prob = torch.softmax(scores.float(), 0).numpy()
+    heat = _colormap(to_pixels(prob / prob.max()))
+    right = 0.4 * big + 0.6 * heat
+
+    fig_w, fig_h = figure_size(image.size)
+    fig = Image.new('RGB', (fig_w, fig_h), (255, 255, 255))
+    for x0, panel in ((MARGIN, left), (2 * MARGIN + w, right)):
+        fig.paste(Image.fromarray(panel.clip(0, 255).astype(np.uint8)), (x0, HEADER))
+    draw = ImageDraw.Draw(fig)
+    for index in indices.tolist():
+        r, c = divmod(index, cols)
+        for x0 in (MARGIN, 2 * MARGIN + w):
+            box = [x0 + c * pw, HEADER + r * ph, x0 + (c + 1) * pw - 1, HEADER + (r + 1) * ph - 1]
+            draw.rectangle(box, outline=CHOSEN_COLOUR, width=max(1, s))
+    font = _font(15)
+    for i, line in enumerate(list(lines)[:2]):
+        draw.text((MARGIN, 6 + 22 * i), line, fill=(0, 0, 0), font=font)
+    small = _font(12)
+    draw.text((MARGIN, HEADER - 16), 'what the extractor sees', fill=(90, 90, 90), font=small)
+    draw.text((2 * MARGIN + w, HEADER - 16), "selector's map, chosen patches outlined", fill=(90, 90, 90), font=small)
+    return fig
+
+
+# --------------------------------------------------------------------------------------------
+# timing
+
+
+def median_latency_ms(models: Dict[str, nn.Module], x: torch.Tensor, runs: int = 20) -> Dict[str, float]:
+    """Median ms per forward; the models take turns in each round so other load falls on all alike."""
+    times: Dict[str, List[float]] = {name: [] for name in models}
+    with torch.no_grad():
+        for model in models.values():
+            model(x)  # warm-up
+        for _ in range(runs):
+            for name, model in models.items():
+                start = time.perf_counter()
+                model(x)
+                times[name].append((time.perf_counter() - start) * 1e3)
+    return {name: float(np.median(t)) for name, t in times.items()}
+
+
+# --------------------------------------------------------------------------------------------
+# commands
+
+
+def _scene_or_image(args: argparse.Namespace, model: LookWhere):
+    """The PIL image the model sees, and the generated scene (None for --image)."""
+    size = tuple(model.patch_embed.img_size)
+    if args.image:
+        return load_image(args.image, size), None
+    if size[0] != size[1]:
+        raise ValueError(f'generated scenes are square; this model takes {size[0]}x{size[1]}: pass --image')
+    scene = generate_scene(args.seed, 'test', args.index, img_size=size[0])
+    return scene.image, scene
+
+
+def _describe(logits: torch.Tensor, names: Optional[Sequence[str]]) -> str:
+    if logits.shape[-1] == 0:
+        return 'no classifier head (features only): the figure shows where it looks'
+    prob = torch.softmax(logits.float(), -1)[0]
+    p, i = prob.max(0)
+    name = names[i] if names is not None else f'class {int(i)}'
+    return f'{name} ({100 * p:.1f}%)'
+
+
+def _look(model: LookWhere, x: torch.Tensor):
+    with torch.no_grad(), SelectionRecorder(model) as rec:
+        logits = model(x)
+    return logits, rec.records[-1]['map'][0], rec.records[-1]['indices'][0]
+
+
+def _sign_coverage(scene, indices: torch.Tensor, model: LookWhere) -> str:
+    (rows, cols), patch = model.grid_size, model.patch_embed.patch_size[0]
+    x0, y0, x1, y1 = scene.box
+    under = {r * cols + c for r in range(y0 // patch, min(rows, (y1 - 1) // patch + 1))
+             for c in range(x0 // patch, min(cols, (x1 - 1) // patch + 1))}
+    return f'{len(under & set(indices.tolist()))} of the {len(under)} patches under the sign'
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    try:
+        model = _create(args)
+        image, scene = _scene_or_image(args, model)
+    except (RuntimeError, FileNotFoundError, ValueError) as err:
+        print(f'lookwhere demo: {err}')
+        if args.model.split('.')[0] != SIGNS_MODEL and not args.checkpoint:
+            print('Without network, use the offline model (`lookwhere demo`) or pass the weights file: '
+                  f'`lookwhere demo --model {args.model} --checkpoint FILE --image {args.image or "PHOTO"}`')
+        return 1
+    torch.set_num_threads(args.threads)
+    x = to_input(model, image)
+    logits, scores, indices = _look(model, x)
+    names = class_names(model)
+
+    shipped = _is_signs_model(model) and args.pretrained and not args.checkpoint
+    if shipped:  # the teacher it was distilled from ships beside it
+        teacher, teacher_kind = create_signs_teacher(pretrained=True), 'the full-res teacher'
+    else:  # the same blocks on every patch: weights do not change the time
+        teacher = timm.create_model(TEACHER_BASE, **dense_counterpart_kwargs(model))
+        teacher_kind = 'a full-res ViT of the same size (random weights: time only)'
+    teacher.eval()
+    times = median_latency_ms(dict(lookwhere=model, teacher=teacher), x, args.runs)
+
+    if args.checkpoint:
+        source = args.checkpoint
+    elif args.pretrained:
+        source = model.pretrained_cfg.get('file') or model.pretrained_cfg.get('hf_hub_id')
+    else:
+        source = 'random weights'
+    print(f'model       {args.model} ({source})')
+    if scene is not None:
+        print(f"image       generated test scene {args.index} (seed {args.seed}): a '{scene.class_name}' sign "
+              f"covering {100 * scene.area_fraction:.1f}% of the image")
+    else:
+        print(f'image       {args.image}, resized and centre-cropped to {image.width}x{image.height}')
+    print(f'prediction  {_describe(logits, names)}')
+    looked = f'{model.k} of {model.num_patches} patches ({100 * model.k / model.num_patches:.0f}%)'
+    if scene is not None:
+        looked += f', {_sign_coverage(scene, indices, model)}'
+    print(f'looked at   {looked}')
+    speedup = times['teacher'] / times['lookwhere']
+    print(f"time        {times['lookwhere']:.1f} ms vs {times['teacher']:.1f} ms for {teacher_kind} on all "
+          f"{model.num_patches} patches: {speedup:.1f}x faster (median of {args.runs}, batch 1, "
+          f'{torch.get_num_threads()} threads)')
+    if shipped:
+        with torch.no_grad():
+            print(f'teacher     {_describe(teacher(x), names)}')
+    truth = f"   (the sign is '{scene.class_name}')" if scene is not None else ''
+    lines = [f'{args.model}: {_describe(logits, names)}{truth}',
+             f"looked at {looked}; {times['lookwhere']:.1f} ms vs {times['teacher']:.1f} ms full-res"]
+    _save(draw_selection(image, scores, indices, model.grid_size, lines), args.output)
+    print(f'wrote       {args.output}')
+    return 0
+
+
+def run_show(args: argparse.Namespace) -> int:
+    try:
+        model = _create(args)
+        image, scene = _scene_or_image(args, model)
+    except (RuntimeError, FileNotFoundError, ValueError) as err:
+        print(f'lookwhere show: {err}')
+        return 1
+    x = to_input(model, image)
+    logits, scores, indices = _look(model, x)
+    description = _describe(logits, class_names(model))
+    lines = [f'{args.model}: {description}', f'looked at {model.k} of {model.num_patches} patches']
+    _save(draw_selection(image, scores, indices, model.grid_size, lines), args.output)
+    print(f'{description}; looked at {model.k} of {model.num_patches} patches; wrote {args.output}')
+    return 0
+
+
+def _save(figure: Image.Image, path: str) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    figure.save(path)
+
+
+def _add_model_arguments(parser: argparse.ArgumentParser, default_model: Optional[str]) -> None:
+    parser.add_argument('--model', default=default_model, required=default_model is None,
+                        help='LookWhere model, timm name with optional .tag (default: %(default)s)')
+    parser.add_argument('--checkpoint', default=None, metavar='FILE',
+                        help="weights file (.safetensors, .pth, the authors' .pt) instead of the registered ones")
+    parser.add_argument('--pretrained', action=argparse.BooleanOptionalAction, default=True,
+                        help='load the registered weights (shipped, or from the Hugging Face Hub) (default: yes)')
+    parser.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs, metavar='KEY=VALUE',
+                        help='extra timm.create_model arguments, e.g. img_size=448')
+    parser.add_argument('--k', type=int, default=None, help='patches the extractor sees')
+    parser.add_argument('--k-ratio', type=float, default=None,
+                        help="or that number as a fraction (default: 0.05 for the shipped sign model, else the model's)")
+    parser.add_argument('--image', default=None, metavar='PATH', help='an image file (default: a generated scene)')
+    parser.add_argument('--seed', type=int, default=0, help='seed of the generated scene (default: 0)')
+    parser.add_argument('--index', type=int, default=0, help='index of the generated test scene (default: 0)')
+
+
+def add_subcommand(subparsers: argparse._SubParsersAction) -> None:
+    demo = subparsers.add_parser(
+        'demo', help='run the shipped sign model on a scene: prediction, patches seen, time vs the full-res teacher',
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_model_arguments(demo, f'{SIGNS_MODEL}.{SIGNS_TAG}')
+    demo.add_argument('--output', default='lookwhere_demo.png', help='figure to write (default: %(default)s)')
+    demo.add_argument('--runs', type=int, default=20, help='timed forwards of each model (default: %(default)s)')
+    demo.add_argument('--threads', type=int, default=torch.get_num_threads(),
+                      help='torch threads (default: %(default)s)')
+    demo.set_defaults(func=run_demo)
+
+    show = subparsers.add_parser(
+        'show', help="draw a LookWhere model's selector map and chosen patches over an image",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_model_arguments(show, None)
+    show.add_argument('--output', default='lookwhere_show.png', help='figure to write (default: %(default)s)')
+    show.set_defaults(func=run_show)
