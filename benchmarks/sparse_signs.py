@@ -4,10 +4,13 @@
 The paper's pipeline on `timm_lookwhere.data`'s procedural scenes (one sign covering 1-2% of a
 cluttered 256 px image, 14 classes), with the project's own tools, on a CPU:
 
-    data      the distillation images as an ImageFolder (train split)
-    teacher   a full-resolution ViT (the LookWhere extractor's size, all 256 patches), trained on labels:
-              first on 128 px windows around the sign at their true positions (4x cheaper per image:
-              it learns what signs look like), then on whole scenes (it learns to find them)
+    data      the training scenes as a uint8 tensor cache, and the distillation images as an ImageFolder
+              (train split, other seeds)
+    teacher   a full-resolution ViT (the LookWhere extractor's size, all 256 patches), trained from
+              scratch on the labels plus a patch-level loss from the generator's sign boxes (each patch
+              token names the sign under it, or background): first on 64 px windows around the sign at
+              their true positions (16x cheaper per image: it learns what signs look like), then on
+              whole scenes (it learns to find them); the patch head is dropped afterwards
     distill   `python -m timm_lookwhere.distill`: selector and extractor from the frozen teacher
     finetune  LookWhere with the selector frozen (the paper's recipe), k drawn per step from 2-10%;
               the classifier starts from the teacher's (the extractor's cls token was distilled to
@@ -46,7 +49,7 @@ from torch.utils.data import DataLoader, Dataset
 from torch.utils.flop_counter import FlopCounterMode
 
 import timm
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_loader
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import resample_abs_pos_embed
 from timm.loss import LabelSmoothingCrossEntropy
 from timm.optim import create_optimizer_v2
@@ -71,11 +74,14 @@ STD = torch.tensor(IMAGENET_DEFAULT_STD).view(1, 3, 1, 1)
 class RunConfig:
     """Sizes of every stage. FULL is the run of the results table, TINY a smoke test of the code."""
     model_kwargs: Dict[str, Any]  # overrides of the lookwhere_vitt16_256 architecture
+    train_scenes: int  # cached training scenes for the teacher, fine-tuning and the low-res ViT
     distill_images: int  # ImageFolder size for distillation
-    window_steps: int  # teacher phase 1: 128 px windows around the sign
+    window_steps: int  # teacher phase 1: windows around the sign
+    window_batch: int
     teacher_steps: int  # teacher phase 2: whole scenes
     teacher_batch: int
     teacher_lr: float
+    patch_loss_weight: float  # the teacher's patch-level loss, relative to its image-level one
     distill_steps: int
     distill_batch: int
     distill_lr: float
@@ -88,18 +94,20 @@ class RunConfig:
     val_images: int
     test_images: int
     latency_runs: int
-    window: int = 8  # side of the teacher's phase-1 windows, in patches
+    window: int = 4  # side of the teacher's phase-1 windows, in patches (a sign spans at most 3)
 
 
 FULL = RunConfig(
-    model_kwargs={}, distill_images=4000, window_steps=700, teacher_steps=250, teacher_batch=32, teacher_lr=1e-3,
-    distill_steps=300, distill_batch=32, distill_lr=3e-4, map_weight=0.5,
-    finetune_steps=300, finetune_batch=32, finetune_lr=3e-4, lowres_steps=300, lowres_lr=3e-4,
+    model_kwargs={}, train_scenes=20000, distill_images=4000,
+    window_steps=3000, window_batch=128, teacher_steps=1000, teacher_batch=32, teacher_lr=1e-3, patch_loss_weight=1.0,
+    distill_steps=1600, distill_batch=32, distill_lr=3e-4, map_weight=1.0,
+    finetune_steps=3000, finetune_batch=32, finetune_lr=3e-4, lowres_steps=3000, lowres_lr=3e-4,
     val_images=500, test_images=2000, latency_runs=60,
 )
 TINY = RunConfig(
-    model_kwargs=dict(embed_dim=32, depth=2, num_heads=2), distill_images=28, window_steps=3, teacher_steps=3,
-    teacher_batch=4, teacher_lr=1e-3, distill_steps=3, distill_batch=4, distill_lr=3e-4, map_weight=0.5,
+    model_kwargs=dict(embed_dim=32, depth=2, num_heads=2), train_scenes=24, distill_images=28,
+    window_steps=3, window_batch=8, teacher_steps=3, teacher_batch=4, teacher_lr=1e-3, patch_loss_weight=1.0,
+    distill_steps=3, distill_batch=4, distill_lr=3e-4, map_weight=0.5,
     finetune_steps=3, finetune_batch=4, finetune_lr=3e-4, lowres_steps=3, lowres_lr=3e-4,
     val_images=8, test_images=16, latency_runs=3,
 )
@@ -229,8 +237,8 @@ class LowResViT(nn.Module):
         return self.vit(x)
 
 
-def window_forward(vit: nn.Module, crops: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-    """Logits of a full-res timm ViT (no_embed_class) on windows of the image at their true positions.
+def window_features(vit: nn.Module, crops: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """Tokens of a full-res timm ViT (no_embed_class) on windows of the image at their true positions.
 
     crops (B, 3, w*p, w*p) are the windows, rows/cols (B,) their top-left patch; the patches get the
     position embeddings they have in the whole image, exactly as when the ViT sees all of it.
@@ -243,33 +251,66 @@ def window_forward(vit: nn.Module, crops: torch.Tensor, rows: torch.Tensor, cols
     index = (rows[:, None] + r.flatten()) * grid_cols + cols[:, None] + c.flatten()  # (B, w*w)
     x = x + vit.pos_embed[0][index]
     x = torch.cat([vit.cls_token.expand(len(x), -1, -1), x], dim=1)  # (B, 1 + w*w, D)
-    x = vit.norm(vit.blocks(vit.norm_pre(x)))
-    return vit.forward_head(x)
+    return vit.norm(vit.blocks(vit.norm_pre(x)))
 
 
-class SignWindows(Dataset):
-    """Training scenes cut to a window of `window` x `window` patches that holds the whole sign,
-    at a random place around it: (normalised crop, label, top-left patch row, col)."""
+class PatchSupervisedViT(nn.Module):
+    """The teacher while it trains: its ViT plus a linear head on every patch token that names the
+    sign under the patch, or background. The generator knows where each sign is; this dense signal
+    teaches a ViT trained from scratch what signs look like far sooner than one label per image does.
+    Only `vit` is kept."""
 
-    def __init__(self, num: int, img_size: int, patch: int, window: int, seed: int):
-        self.signs = SparseSigns('train', num, img_size, seed=seed)
-        self.patch, self.window, self.seed = patch, window, seed
-        self.grid = img_size // patch
+    def __init__(self, vit: nn.Module, num_classes: int):
+        super().__init__()
+        self.vit = vit
+        self.patch_head = nn.Linear(vit.embed_dim, num_classes + 1)  # the last class is background
 
-    def __len__(self) -> int:
-        return len(self.signs)
+    def forward(self, x: torch.Tensor, rows: Optional[torch.Tensor] = None, cols: Optional[torch.Tensor] = None):
+        feats = self.vit.forward_features(x) if rows is None else window_features(self.vit, x, rows, cols)
+        return self.vit.forward_head(feats), self.patch_head(feats[:, self.vit.num_prefix_tokens:])  # (B, C), (B, N, C+1)
 
-    def __getitem__(self, index: int):
-        scene = self.signs.scene(index)
-        rng = np.random.default_rng([self.seed, index, 7])
-        x0, y0, x1, y1 = (v // self.patch for v in (scene.box[0], scene.box[1], scene.box[2] - 1, scene.box[3] - 1))
-        # top-left patches from which the window still covers the box, kept inside the image
-        col = int(rng.integers(max(0, x1 - self.window + 1), min(x0, self.grid - self.window) + 1))
-        row = int(rng.integers(max(0, y1 - self.window + 1), min(y0, self.grid - self.window) + 1))
-        side = self.window * self.patch
-        crop = to_uint8_tensor(scene.image)[:, row * self.patch:row * self.patch + side,
-                                            col * self.patch:col * self.patch + side]
-        return normalize(crop[None])[0], scene.label, row, col
+
+def patch_targets(boxes: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
+                  window: int, patch: int, background: int) -> torch.Tensor:
+    """(B, window*window) class of each patch of a window: the sign's label where its box covers at
+    least a fifth of the patch, else `background`."""
+    cols_px = (cols[:, None] + torch.arange(window)) * patch  # (B, w) left edge of each patch column
+    rows_px = (rows[:, None] + torch.arange(window)) * patch
+    overlap_x = (torch.minimum(cols_px + patch, boxes[:, 2:3]) - torch.maximum(cols_px, boxes[:, 0:1])).clamp(min=0)
+    overlap_y = (torch.minimum(rows_px + patch, boxes[:, 3:4]) - torch.maximum(rows_px, boxes[:, 1:2])).clamp(min=0)
+    cover = overlap_y[:, :, None] * overlap_x[:, None, :] / patch ** 2  # (B, w, w)
+    return torch.where(cover >= 0.2, labels[:, None, None], background).flatten(1)
+
+
+def sign_windows(boxes: torch.Tensor, window: int, patch: int, grid: int, generator: torch.Generator):
+    """Top-left patch (rows, cols) of a random window of `window` x `window` patches that holds each
+    whole sign and stays inside the image."""
+    first = boxes[:, :2] // patch  # (B, 2) x, y of the sign's first patch
+    last = (boxes[:, 2:] - 1) // patch
+    low = (last - window + 1).clamp(min=0)
+    high = torch.minimum(first, torch.tensor(grid - window)).clamp(min=low)
+    start = low + (torch.rand(low.shape, generator=generator) * (high - low + 1)).long().clamp(max=high - low)
+    return start[:, 1], start[:, 0]
+
+
+def crop_windows(images: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, window: int, patch: int) -> torch.Tensor:
+    side = window * patch
+    return torch.stack([img[:, r * patch:r * patch + side, c * patch:c * patch + side]
+                        for img, r, c in zip(images, rows.tolist(), cols.tolist())])
+
+
+def cached_batches(data: Dict[str, torch.Tensor], batch_size: int, seed: int, crop: Optional[Callable] = None):
+    """Endless batches (normalised images, labels, boxes) drawn at random from a cached split;
+    `crop(images, boxes)` cuts the uint8 images first (normalising only what is kept)."""
+    generator = torch.Generator().manual_seed(seed)
+    while True:
+        index = torch.randint(len(data['labels']), (batch_size,), generator=generator)
+        images, labels, boxes = data['images'][index], data['labels'][index], data['boxes'][index]
+        if crop is None:
+            yield normalize(images), labels, boxes
+        else:
+            images, *where = crop(images, boxes)
+            yield normalize(images), labels, boxes, *where
 
 
 def fit(
@@ -284,7 +325,8 @@ def fit(
 ) -> None:
     """Supervised training: AdamW, warm-up then cosine (timm's optimizer and scheduler), label smoothing 0.1.
 
-    `batches` yields tuples whose first two items are inputs and labels; `forward(model, batch)` gives logits.
+    `batches` yields tuples whose first two items are inputs and labels; `forward(model, batch)` gives
+    logits and a loss added to the label loss (0. for none).
     """
     optimizer = create_optimizer_v2(model, 'adamw', lr=lr, weight_decay=weight_decay)
     warmup = max(1, steps // 10)
@@ -302,8 +344,8 @@ def fit(
         scheduler.step_update(step - 1)
         if before_step is not None:
             before_step(step)
-        logits = forward(model, batch)
-        loss = criterion(logits, batch[1])
+        logits, extra_loss = forward(model, batch)
+        loss = criterion(logits, batch[1]) + extra_loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
@@ -315,33 +357,41 @@ def fit(
     model.eval()
 
 
-def scene_batches(num: int, batch_size: int, img_size: int, seed: int, workers: int):
-    """Fresh training scenes, normalised, through timm's loader (no augmentation: every scene is new)."""
-    dataset = SparseSigns('train', num, img_size, seed=seed)
-    return create_loader(
-        dataset, (3, img_size, img_size), batch_size, is_training=False, use_prefetcher=False, crop_pct=1.0,
-        interpolation='bilinear', mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD, num_workers=workers,
-        persistent_workers=False)
-
-
 # --------------------------------------------------------------------------------------------
 # stages
 
 
 def stage_data(args, cfg: RunConfig) -> None:
+    load_split(args.output, 'train', cfg.train_scenes, 256, args.workers)
     write_image_folder(os.path.join(args.output, 'data'), 'train', cfg.distill_images, seed=100)
 
 
 def stage_teacher(args, cfg: RunConfig) -> None:
     torch.manual_seed(0)
-    teacher = create_teacher(cfg)
-    patch = teacher.patch_embed.patch_size[0]
-    windows = DataLoader(SignWindows(cfg.window_steps * cfg.teacher_batch, 256, patch, cfg.window, seed=0),
-                         batch_size=cfg.teacher_batch, num_workers=args.workers)
-    fit('teacher (windows)', teacher, windows, cfg.window_steps, cfg.teacher_lr,
-        lambda m, b: window_forward(m, b[0], b[2], b[3]))
-    scenes = scene_batches(cfg.teacher_steps * cfg.teacher_batch, cfg.teacher_batch, 256, 1, args.workers)
-    fit('teacher (scenes)', teacher, scenes, cfg.teacher_steps, cfg.teacher_lr / 2, lambda m, b: m(b[0]))
+    train = load_split(args.output, 'train', cfg.train_scenes, 256, args.workers)
+    model = PatchSupervisedViT(create_teacher(cfg), len(CLASS_NAMES))
+    patch, grid = model.vit.patch_embed.patch_size[0], model.vit.patch_embed.grid_size[0]
+    weights = torch.ones(len(CLASS_NAMES) + 1)
+    weights[-1] = 0.2  # background patches outnumber sign patches ~50 to 1
+    generator = torch.Generator().manual_seed(0)
+
+    def windows(images, boxes):
+        rows, cols = sign_windows(boxes, cfg.window, patch, grid, generator)
+        return crop_windows(images, rows, cols, cfg.window, patch), rows, cols
+
+    def forward(model, batch, window):
+        images, labels, boxes, rows, cols = batch
+        logits, patch_logits = model(images, rows, cols) if window < grid else model(images)
+        targets = patch_targets(boxes, labels, rows, cols, window, patch, background=len(CLASS_NAMES))
+        patch_loss = F.cross_entropy(patch_logits.flatten(0, 1), targets.flatten(), weight=weights)
+        return logits, cfg.patch_loss_weight * patch_loss
+
+    whole = torch.zeros(cfg.teacher_batch, dtype=torch.long)
+    fit('teacher (windows)', model, cached_batches(train, cfg.window_batch, seed=0, crop=windows), cfg.window_steps,
+        cfg.teacher_lr, lambda m, b: forward(m, b, cfg.window))
+    fit('teacher (scenes)', model, ((*b, whole, whole) for b in cached_batches(train, cfg.teacher_batch, seed=1)),
+        cfg.teacher_steps, cfg.teacher_lr / 2, lambda m, b: forward(m, b, grid))
+    teacher = model.vit
     val = load_split(args.output, 'val', cfg.val_images, 256, args.workers)
     _logger.info(f'teacher: val accuracy {accuracy(teacher, val):.4f}')
     folder = os.path.join(args.output, 'teacher')
@@ -392,8 +442,9 @@ def stage_finetune(args, cfg: RunConfig) -> None:
     def draw_k(step: int) -> None:  # one model for every k of the table
         model.set_k(k=int(torch.randint(k_lo, k_hi + 1, (1,), generator=k_generator)))
 
-    batches = scene_batches(cfg.finetune_steps * cfg.finetune_batch, cfg.finetune_batch, 256, 2, args.workers)
-    fit('finetune', model, batches, cfg.finetune_steps, cfg.finetune_lr, lambda m, b: m(b[0]), before_step=draw_k)
+    train = load_split(args.output, 'train', cfg.train_scenes, 256, args.workers)
+    fit('finetune', model, cached_batches(train, cfg.finetune_batch, seed=2), cfg.finetune_steps, cfg.finetune_lr,
+        lambda m, b: (m(b[0]), 0.), before_step=draw_k)
     model.set_k(k_ratio=0.1)
     val = load_split(args.output, 'val', cfg.val_images, 256, args.workers)
     _logger.info(f'finetuned LookWhere: val accuracy at k=10% {accuracy(model, val):.4f}')
@@ -417,8 +468,9 @@ def stage_lowres(args, cfg: RunConfig) -> None:
     torch.manual_seed(0)
     size = lowres_size(cfg, args.output)
     model = LowResViT(create_teacher(cfg, img_size=size, file=os.path.join(args.output, 'teacher', 'model.pth')), size)
-    batches = scene_batches(cfg.lowres_steps * cfg.finetune_batch, cfg.finetune_batch, 256, 3, args.workers)
-    fit('lowres', model, batches, cfg.lowres_steps, cfg.lowres_lr, lambda m, b: m(b[0]))
+    train = load_split(args.output, 'train', cfg.train_scenes, 256, args.workers)
+    fit('lowres', model, cached_batches(train, cfg.finetune_batch, seed=3), cfg.lowres_steps, cfg.lowres_lr,
+        lambda m, b: (m(b[0]), 0.))
     os.makedirs(os.path.join(args.output, 'lowres'), exist_ok=True)
     torch.save(dict(img_size=size, state_dict=model.vit.state_dict()), os.path.join(args.output, 'lowres', 'model.pth'))
 
@@ -592,7 +644,7 @@ def plot_results(results: Dict[str, Any], path: str) -> None:
 
 
 STAGE_OUTPUTS = {
-    'data': lambda out, cfg: os.path.join(out, 'data', 'train', 'done'),
+    'data': lambda out, cfg: os.path.join(out, 'data', 'train', 'done'),  # after the cache and the folder
     'teacher': lambda out, cfg: os.path.join(out, 'teacher', 'model.pth'),
     'distill': lambda out, cfg: os.path.join(out, 'distill', 'done'),
     'finetune': lambda out, cfg: os.path.join(out, 'finetune', 'model.pth'),
@@ -612,10 +664,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument('--redo', action='store_true', help='run the stages given even when their output exists')
     parser.add_argument('--ship', action='store_true',
                         help='copy the exported weights into timm_lookwhere/weights (the pretrained tag)')
-    parser.add_argument('--workers', type=int, default=1, help='scene-generating processes (default: 1)')
-    parser.add_argument('--threads', type=int, default=1,
-                        help='torch threads (default: 1, while --workers processes draw the scenes: on 2 cores, '
-                             'and on a busy machine 2 threads wait on each other far more than they gain)')
+    parser.add_argument('--workers', type=int, default=2, help='scene-generating processes (default: 2)')
+    parser.add_argument('--threads', type=int, default=2,
+                        help='torch threads (default: 2; training reads cached scenes, so the cores are free)')
     args = parser.parse_args(argv)
     unknown = set(args.stages.split(',')) - set(STAGES)
     if unknown:

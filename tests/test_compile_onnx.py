@@ -60,3 +60,25 @@ def test_onnx_export_runs_in_onnxruntime_and_matches_torch(model, images, tmp_pa
         with torch.no_grad():
             expected = model(x).numpy()
         np.testing.assert_allclose(logits, expected, rtol=0, atol=1e-4)
+
+
+class DenseOutput(torch.nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model.forward_dense(x)
+
+
+def test_onnx_export_of_dense_output_matches_torch_on_every_cell(model, images, tmp_path):
+    program = torch.onnx.export(DenseOutput(model), (images(2),), dynamo=True, input_names=['images'],
+                                output_names=['dense'], verbose=False)
+    program.save(str(tmp_path / 'dense.onnx'))
+    session = onnxruntime.InferenceSession(str(tmp_path / 'dense.onnx'), providers=['CPUExecutionProvider'])
+    x = images(2, seed=3)
+    dense, = session.run(None, {'images': x.numpy()})
+    with torch.no_grad():
+        expected = model.forward_dense(x).numpy()
+    assert np.isfinite(dense).all()  # the chosen cells too, where the distance is 0
+    np.testing.assert_allclose(dense, expected, rtol=0, atol=1e-4)

@@ -11,13 +11,13 @@ from timm_lookwhere import LookWhere, SelectionRecorder
 
 from conftest import TINY, tiny_model
 
-MODEL_NAMES = ['lookwhere_vitb_518', 'lookwhere_vitb_franca_518', 'lookwhere_vits_518']
+MODEL_NAMES = ['lookwhere_vitb_518', 'lookwhere_vitb_franca_518', 'lookwhere_vits_518', 'lookwhere_vitt16_256']
 
 
 def test_models_are_registered_with_their_pretrained_tags():
     assert set(timm.list_models('lookwhere*')) == set(MODEL_NAMES)
     assert set(timm.list_models('lookwhere*', pretrained=True)) == {
-        'lookwhere_vitb_518.dinov2', 'lookwhere_vitb_franca_518.franca'}
+        'lookwhere_vitb_518.dinov2', 'lookwhere_vitb_franca_518.franca', 'lookwhere_vitt16_256.sparse_signs'}
     cfg = timm.get_pretrained_cfg('lookwhere_vitb_518.dinov2')
     assert cfg.input_size == (3, 518, 518) and cfg.crop_pct == 1.0 and cfg.interpolation == 'bicubic'
     assert cfg.mean == timm.data.IMAGENET_DEFAULT_MEAN and cfg.std == timm.data.IMAGENET_DEFAULT_STD

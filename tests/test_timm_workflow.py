@@ -5,6 +5,7 @@ calls, with the same arguments and in the same order, on a tiny ImageFolder they
 "Use with timm" section has the real commands.
 """
 import argparse
+import random
 from contextlib import suppress
 from functools import partial
 
@@ -203,6 +204,7 @@ def test_data_pipeline_feeds_the_model_the_size_it_was_built_for(image_folder):
 
 def test_training_with_layer_decay_ema_grad_checkpointing_and_bf16_learns_the_task(image_folder, authors_file):
     torch.manual_seed(0)  # head init, shuffling and augmentation
+    random.seed(0)  # RandAugment draws its ops from python's random
     model = create_like_train_py(pretrained_path=authors_file, drop_path=0.1)
     model.set_grad_checkpointing(True)  # --grad-checkpointing
     train = make_loader(image_folder, 'train', model, is_training=True, auto_augment='rand-m9-mstd0.5-inc1')

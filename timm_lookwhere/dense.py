@@ -102,7 +102,9 @@ def idw_fill(
             f'values must be (B, k, C) and indices (B, k); got {tuple(values.shape)} and {tuple(indices.shape)}')
     batch_size, num_keep, channels = values.shape
     nearest, dist = nearest_chosen(indices, grid_size, num_neighbors)  # (B, N, K) each
-    weights = 1.0 / (dist + eps)
+    # clamp, not + eps: the same fp32 values (d >= 1 absorbs eps), and the ONNX exporter keeps a clamp
+    # where it folded "+ eps" away, leaving 1 / 0 = inf on the chosen cells
+    weights = 1.0 / dist.clamp_min(eps)
     weights = (weights / weights.sum(dim=-1, keepdim=True)).to(values.dtype)  # (B, N, K)
     # Each cell is a bag of K rows of the flattened (B * k, C) values: offset every image's ids.
     offsets = torch.arange(batch_size, device=nearest.device, dtype=nearest.dtype) * num_keep

@@ -260,7 +260,7 @@ class LookWhere(nn.Module):
 
     def init_weights(self) -> None:
         trunc_normal_(self.pos_embed, std=.02)
-        for module in (self.patch_embed, self.blocks, self.head):
+        for module in (self.patch_embed, self.blocks, self.head, self.selector.head):
             named_apply(init_weights_vit_timm, module)
 
     def set_k(self, k: Optional[int] = None, k_ratio: Optional[float] = None) -> None:

@@ -1,0 +1,90 @@
+"""benchmarks/sparse_signs.py: the teacher's patch supervision, its sign windows, and every stage end to end."""
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+import timm
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'benchmarks'))
+
+import sparse_signs  # noqa: E402
+
+
+def test_patch_targets_name_the_sign_where_its_box_covers_a_fifth_of_the_patch():
+    # a 16 px grid; the box covers columns 16..40 (patch 1 fully, patch 2 for 8 of 16 px) and rows 30..34
+    boxes = torch.tensor([[16, 30, 40, 34]])
+    targets = sparse_signs.patch_targets(boxes, torch.tensor([7]), torch.tensor([0]), torch.tensor([0]),
+                                         window=4, patch=16, background=14).view(4, 4)
+    # row 1 (px 16-32) holds 2 px of the box, row 2 (32-48) 2 px: 2/16 < 1/5 of a patch on both
+    assert (targets == 14).all()
+    boxes = torch.tensor([[16, 20, 40, 40]])  # rows: 12 px of row 1, 8 px of row 2
+    targets = sparse_signs.patch_targets(boxes, torch.tensor([7]), torch.tensor([0]), torch.tensor([0]),
+                                         window=4, patch=16, background=14).view(4, 4)
+    expected = torch.full((4, 4), 14)
+    expected[1:3, 1:3] = 7  # 12*16, 12*8, 8*16, 8*8 px of 256: all at least a fifth
+    assert torch.equal(targets, expected)
+    # a window starting at patch (1, 1) sees the same sign patches at its own (0, 0)..(1, 1)
+    shifted = sparse_signs.patch_targets(boxes, torch.tensor([7]), torch.tensor([1]), torch.tensor([1]),
+                                         window=2, patch=16, background=14).view(2, 2)
+    assert (shifted == 7).all()
+
+
+def test_sign_windows_hold_the_whole_sign_and_stay_inside_the_image():
+    generator = torch.Generator().manual_seed(0)
+    x0 = torch.randint(0, 220, (500,), generator=generator)
+    y0 = torch.randint(0, 220, (500,), generator=generator)
+    side = torch.randint(8, 37, (500,), generator=generator)
+    boxes = torch.stack([x0, y0, (x0 + side).clamp(max=256), (y0 + side).clamp(max=256)], dim=1)
+    rows, cols = sparse_signs.sign_windows(boxes, window=4, patch=16, grid=16, generator=generator)
+    assert rows.min() >= 0 and cols.min() >= 0 and rows.max() <= 12 and cols.max() <= 12
+    assert (cols * 16 <= boxes[:, 0]).all() and ((cols + 4) * 16 >= boxes[:, 2]).all()
+    assert (rows * 16 <= boxes[:, 1]).all() and ((rows + 4) * 16 >= boxes[:, 3]).all()
+    assert len(set(zip(rows.tolist(), cols.tolist()))) > 100  # placed at random, not always the same
+
+
+def test_window_features_of_the_whole_image_are_the_vits_own_tokens():
+    vit = timm.create_model(sparse_signs.TEACHER_BASE, img_size=64, patch_size=16, embed_dim=32, depth=2,
+                            num_heads=2, reg_tokens=0, num_classes=3).eval()
+    x = torch.randn(2, 3, 64, 64)
+    zeros = torch.zeros(2, dtype=torch.long)
+    with torch.no_grad():
+        torch.testing.assert_close(sparse_signs.window_features(vit, x, zeros, zeros), vit.forward_features(x))
+        # a window is the same computation on its own patches, at their place in the image
+        crop = x[:, :, 16:48, 32:64]
+        ones, twos = torch.ones(2, dtype=torch.long), torch.full((2,), 2)
+        window = sparse_signs.window_features(vit, crop, ones, twos)
+        model = sparse_signs.PatchSupervisedViT(vit, 3)
+        logits, patch_logits = model(crop, ones, twos)
+    assert window.shape == (2, 1 + 4, 32) and logits.shape == (2, 3) and patch_logits.shape == (2, 4, 4)
+
+
+@pytest.fixture
+def restore_threads(monkeypatch):
+    """main() sets torch's threads and OMP_NUM_THREADS for its run; the tests after it keep theirs."""
+    monkeypatch.setenv('OMP_NUM_THREADS', os.environ.get('OMP_NUM_THREADS', str(torch.get_num_threads())))
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_tiny_run_goes_through_every_stage_and_writes_the_table_and_plot(tmp_path, restore_threads):
+    assert sparse_signs.main(['--output', str(tmp_path), '--tiny', '--workers', '0']) == 0
+    results = json.loads((tmp_path / 'results.json').read_text())
+    names = [row['model'] for row in results['rows']]
+    assert names[0].startswith('full-res teacher') and names[1].startswith('low-res ViT')
+    assert sum(n.startswith('LookWhere selection') for n in names) == 3
+    assert sum(n.startswith('random selection') for n in names) == 3
+    assert all(0 <= row['acc'] <= 1 and row['gflops'] > 0 for row in results['rows'])
+    assert (tmp_path / 'results.md').read_text().count('\n') == len(names) + 2
+    with Image.open(tmp_path / 'results.png') as plot:
+        assert plot.format == 'PNG'
+    timings = json.loads((tmp_path / 'timings.json').read_text())
+    assert set(timings) == set(sparse_signs.STAGES)
+    # a second run finds every stage done and redoes nothing
+    assert sparse_signs.main(['--output', str(tmp_path), '--tiny', '--workers', '0']) == 0
+    assert json.loads((tmp_path / 'timings.json').read_text()) == timings
