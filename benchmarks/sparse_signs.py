@@ -24,8 +24,8 @@ cluttered 256 px image, 14 classes), with the project's own tools, on a CPU:
 Every stage keeps its output in --output and is skipped when it is there, so a stopped run goes on
 where it stopped (distillation resumes mid-run). Progress goes to the console and OUTPUT/run.log.
 
-    python benchmarks/sparse_signs.py --output runs/sparse_signs --ship    # the full run
-    python benchmarks/sparse_signs.py --output /tmp/ss_tiny --tiny        # every stage on a tiny model, ~2 min
+    python benchmarks/sparse_signs.py --output runs/sparse_signs --ship    # the full run, about 1 hour on 2 cores
+    python benchmarks/sparse_signs.py --output /tmp/ss_tiny --tiny        # every stage on a tiny model, ~15 s
 """
 import argparse
 import dataclasses

@@ -177,7 +177,7 @@ def test_dense_head_trains_on_features_only_maps(images):
     selector_before = [p.clone() for p in backbone.model.selector.parameters()]
     backbone.train()
     losses = []
-    for _ in range(12):
+    for _ in range(30):
         logits = head(backbone(x))  # (B, 2, 8, 8) over every patch, though the extractor saw 6 of 64
         loss = F.cross_entropy(logits, labels)
         optimizer.zero_grad()

@@ -114,11 +114,12 @@ def test_main_job_demo_runs_offline_on_the_shipped_model(tmp_path, capsys):
         assert figure.size == expected_figure_size(256)
 
 
-# Measured by benchmarks/sparse_signs.py on 2000 test scenes (benchmarks/README.md): LookWhere at
-# k = 5% scored ACCURACY_MEASURED. 64 scenes have a binomial standard error of at most 6.3 points;
-# the floor sits 4 of them below, so a model that still works fails this once in ~30000 runs.
-ACCURACY_MEASURED = None
-ACCURACY_FLOOR = None
+# Measured by benchmarks/sparse_signs.py on its 2000 test scenes (benchmarks/README.md): LookWhere at
+# k = 5% scored 82.0%. On 64 scenes that accuracy has a binomial standard error of 4.8 points; the
+# floor sits 4 of them below, so a model that still works fails this about once in 30000 runs, while
+# a broken one (random selection scores 15.5%, chance is 7.1%) cannot pass.
+ACCURACY_MEASURED = 0.820
+ACCURACY_FLOOR = 0.62
 
 
 def test_shipped_sign_model_keeps_its_accuracy_on_fresh_test_scenes():
