@@ -59,7 +59,8 @@ import timm_lookwhere  # noqa: F401  (registers the models)
 from timm_lookwhere import SelectionRecorder
 from timm_lookwhere.data import CLASS_NAMES, SparseSigns, write_image_folder
 from timm_lookwhere.demo import (
-    SIGNS_MODEL, SIGNS_TEACHER_FILE, SIGNS_WEIGHTS_FILE, TEACHER_BASE, dense_counterpart_kwargs,
+    SIGNS_MODEL, SIGNS_TEACHER_FILE, SIGNS_WEIGHTS_FILE, TEACHER_BASE, dense_counterpart_kwargs, median_latency_ms,
+    patches_under_box,
 )
 
 _logger = logging.getLogger('sparse_signs')
@@ -514,29 +515,17 @@ def random_selection(model: nn.Module, seed: int = 0):
 def sign_patches_seen(indices: torch.Tensor, boxes: torch.Tensor, grid: int, patch: int) -> torch.Tensor:
     """Fraction of the patches under each sign's box that were chosen: (B,) in [0, 1]."""
     seen = []
-    for chosen, (x0, y0, x1, y1) in zip(indices.tolist(), boxes.tolist()):
-        under = {r * grid + c for r in range(y0 // patch, (y1 - 1) // patch + 1)
-                 for c in range(x0 // patch, (x1 - 1) // patch + 1)}
+    for chosen, box in zip(indices.tolist(), boxes.tolist()):
+        under = patches_under_box(box, (grid, grid), patch)
         seen.append(len(under & set(chosen)) / len(under))
     return torch.tensor(seen)
 
 
 def latencies(models: Dict[str, nn.Module], runs: int, batch_size: int, img_size: int = 256) -> Dict[str, float]:
-    """Median ms per forward of each model on the same random batch, the models taking turns in every
-    round, so load from other processes falls on all of them alike."""
-    x = torch.randn(batch_size, 3, img_size, img_size)
-    times = {name: [] for name in models}
-    with torch.no_grad():
-        for model in models.values():  # warm-up
-            model.eval()
-            for _ in range(3):
-                model(x)
-        for _ in range(runs):
-            for name, model in models.items():
-                start = time.perf_counter()
-                model(x)
-                times[name].append((time.perf_counter() - start) * 1e3)
-    return {name: float(np.median(t)) for name, t in times.items()}
+    """Median ms per forward of each model on the same random batch, the models taking turns."""
+    for model in models.values():
+        model.eval()
+    return median_latency_ms(models, torch.randn(batch_size, 3, img_size, img_size), runs, warmup=3)
 
 
 def stage_evaluate(args, cfg: RunConfig) -> Dict[str, Any]:

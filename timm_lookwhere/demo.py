@@ -10,7 +10,7 @@ right, the selector's map (softmax over the patches) with the chosen patches out
 import argparse
 import os
 import time
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
 import numpy as np
 import torch
@@ -28,6 +28,7 @@ from .lookwhere import LookWhere, SelectionRecorder
 __all__ = [
     'SIGNS_MODEL', 'SIGNS_WEIGHTS_FILE', 'SIGNS_TEACHER_FILE', 'TEACHER_BASE', 'dense_counterpart_kwargs',
     'create_signs_teacher', 'load_image', 'to_input', 'draw_selection', 'figure_size', 'median_latency_ms',
+    'patches_under_box',
     'add_subcommand',
 ]
 
@@ -236,12 +237,14 @@ def draw_selection(
 # timing
 
 
-def median_latency_ms(models: Dict[str, nn.Module], x: torch.Tensor, runs: int = 20) -> Dict[str, float]:
+def median_latency_ms(
+        models: Dict[str, nn.Module], x: torch.Tensor, runs: int = 20, warmup: int = 1) -> Dict[str, float]:
     """Median ms per forward; the models take turns in each round so other load falls on all alike."""
     times: Dict[str, List[float]] = {name: [] for name in models}
     with torch.no_grad():
         for model in models.values():
-            model(x)  # warm-up
+            for _ in range(warmup):
+                model(x)
         for _ in range(runs):
             for name, model in models.items():
                 start = time.perf_counter()
@@ -280,11 +283,15 @@ def _look(model: LookWhere, x: torch.Tensor):
     return logits, rec.records[-1]['map'][0], rec.records[-1]['indices'][0]
 
 
+def patches_under_box(box: Sequence[int], grid_size: Tuple[int, int], patch: int) -> Set[int]:
+    """Flat ids of the grid patches a pixel box (x0, y0, x1, y1), x1 and y1 exclusive, overlaps."""
+    (rows, cols), (x0, y0, x1, y1) = grid_size, box
+    return {r * cols + c for r in range(y0 // patch, min(rows, (y1 - 1) // patch + 1))
+            for c in range(x0 // patch, min(cols, (x1 - 1) // patch + 1))}
+
+
 def _sign_coverage(scene, indices: torch.Tensor, model: LookWhere) -> str:
-    (rows, cols), patch = model.grid_size, model.patch_embed.patch_size[0]
-    x0, y0, x1, y1 = scene.box
-    under = {r * cols + c for r in range(y0 // patch, min(rows, (y1 - 1) // patch + 1))
-             for c in range(x0 // patch, min(cols, (x1 - 1) // patch + 1))}
+    under = patches_under_box(scene.box, model.grid_size, model.patch_embed.patch_size[0])
     return f'{len(under & set(indices.tolist()))} of the {len(under)} patches under the sign'
 
 

@@ -380,11 +380,15 @@ class LookWhere(nn.Module):
         tokens = self.patch_embed.norm(tokens)
         return tokens + self.pos_embed[0][indices]  # (B, k, D)
 
-    def forward_all(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
-        """Everything one forward computes: `map` (B, N), `indices` (B, k), `tokens` (B, P + k, D)."""
+    def _input_tokens(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The extractor's input: (B, N) map logits, (B, k) chosen ids, (B, P + k, D) tokens."""
         self._check_input(x)
         scores, prefix, indices = self.select(x)
-        tokens = torch.cat([prefix, self.embed_patches(x, indices)], dim=1)  # (B, P + k, D)
+        return scores, indices, torch.cat([prefix, self.embed_patches(x, indices)], dim=1)
+
+    def forward_all(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """Everything one forward computes: `map` (B, N), `indices` (B, k), `tokens` (B, P + k, D)."""
+        scores, indices, tokens = self._input_tokens(x)  # (B, N), (B, k), (B, P + k, D)
         if self.grad_checkpointing and not torch.jit.is_scripting():
             tokens = checkpoint_seq(self.blocks, tokens)
         else:
@@ -451,9 +455,7 @@ class LookWhere(nn.Module):
         if output_fmt not in ('NCHW', 'NLC'):
             raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
         take_indices, max_index = self._take_block_indices(indices)
-        self._check_input(x)
-        _, prefix, chosen = self.select(x)  # (B, P, D), (B, k)
-        tokens = torch.cat([prefix, self.embed_patches(x, chosen)], dim=1)  # (B, P + k, D)
+        _, chosen, tokens = self._input_tokens(x)  # (B, k), (B, P + k, D)
 
         blocks = self.blocks[:max_index + 1] if stop_early else self.blocks
         taken = []
@@ -466,7 +468,11 @@ class LookWhere(nn.Module):
                 taken.append(self.norm(tokens) if norm else tokens)
 
         prefix_tokens = [t[:, :self.num_prefix_tokens] for t in taken]  # (B, P, D) each
-        intermediates = [self.dense_from_tokens(t, chosen) for t in taken]  # (B, D, rows, cols) each
+        # every block shares the selection: one neighbour search fills all of them, side by side in channels
+        intermediates = []
+        if taken:
+            filled = self.dense_from_tokens(torch.cat(taken, dim=-1), chosen)  # (B, n * D, rows, cols)
+            intermediates = list(filled.split(self.embed_dim, dim=1))  # (B, D, rows, cols) each
         if output_fmt == 'NLC':
             intermediates = [y.flatten(2).transpose(1, 2) for y in intermediates]  # (B, rows * cols, D)
 
