@@ -1,4 +1,5 @@
 """The registered models and their timm API: shapes, k, selection hooks, training, cost, bad input."""
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -11,13 +12,17 @@ from timm_lookwhere import LookWhere, SelectionRecorder
 
 from conftest import TINY, tiny_model
 
-MODEL_NAMES = ['lookwhere_vitb_518', 'lookwhere_vitb_franca_518', 'lookwhere_vits_518', 'lookwhere_vitt16_256']
+MODEL_NAMES = ['lookwhere_vitb_518', 'lookwhere_vitb_224', 'lookwhere_vitb_franca_518', 'lookwhere_vits_518',
+               'lookwhere_vitt16_256', 'lookwhere_vitt16_512']
 
 
 def test_models_are_registered_with_their_pretrained_tags():
     assert set(timm.list_models('lookwhere*')) == set(MODEL_NAMES)
     assert set(timm.list_models('lookwhere*', pretrained=True)) == {
-        'lookwhere_vitb_518.dinov2', 'lookwhere_vitb_franca_518.franca', 'lookwhere_vitt16_256.sparse_signs'}
+        'lookwhere_vitb_518.dinov2', 'lookwhere_vitb_224.dinov2', 'lookwhere_vitb_franca_518.franca',
+        'lookwhere_vitt16_256.sparse_signs', 'lookwhere_vitt16_512.sparse_signs'}
+    small = timm.get_pretrained_cfg('lookwhere_vitb_224.dinov2')  # the same file, another size
+    assert small.input_size == (3, 224, 224) and small.hf_hub_filename == 'lookwhere_dinov2.pt'
     cfg = timm.get_pretrained_cfg('lookwhere_vitb_518.dinov2')
     assert cfg.input_size == (3, 518, 518) and cfg.crop_pct == 1.0 and cfg.interpolation == 'bicubic'
     assert cfg.mean == timm.data.IMAGENET_DEFAULT_MEAN and cfg.std == timm.data.IMAGENET_DEFAULT_STD
@@ -236,6 +241,120 @@ def test_only_the_chosen_patches_are_embedded(images):
     assert calls == []  # the full-image conv never runs
     # at the same k, a 4x larger image costs no extra FLOPs: no step touches every high-res patch
     assert big.get_total_flops() == small.get_total_flops()
+
+
+@pytest.mark.full_size
+@pytest.mark.parametrize('name', ['lookwhere_vitb_224', 'lookwhere_vitt16_256'])
+@pytest.mark.parametrize('freeze_selector', [True, False])
+def test_backward_reaches_every_trainable_parameter_and_never_the_frozen_selector(name, freeze_selector):
+    # timm's test_model_backward setting (num_classes=42, batch 2, train mode, the mean of the logits), which
+    # asserts a gradient for every parameter; the frozen selector (the authors' fine-tuning) has none by design
+    torch.manual_seed(0)
+    model = timm.create_model(name, num_classes=42, freeze_selector=freeze_selector).train()
+    size = model.patch_embed.img_size
+    out = model(torch.randn(2, 3, *size))
+    assert out.shape == (2, 42)
+    out.mean().backward()
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    missing = [n for n, p in model.named_parameters() if n in trainable and p.grad is None]
+    assert missing == []
+    assert all(torch.isfinite(p.grad).all() for n, p in model.named_parameters() if n in trainable)
+    selector = {n for n, _ in model.named_parameters() if n.startswith('selector.')}
+    if freeze_selector:
+        assert not selector & trainable
+        assert all(p.grad is None for n, p in model.named_parameters() if n in selector)
+    else:  # the selector's ViT trains through its prefix tokens; its map head only from a loss on the map
+        assert {n for n in selector if n.startswith('selector.backbone.')} <= trainable
+        assert not {n for n in selector if n.startswith('selector.head.')} & trainable
+
+
+def test_reset_classifier_keeps_the_models_mode_device_and_dtype():
+    for mode in (False, True):
+        model = tiny_model(num_classes=3).train(mode).to(torch.float64)
+        model.reset_classifier(5)
+        assert model.head.training == mode and model.head.weight.dtype == torch.float64
+        assert all(m.training == mode for m in model.modules() if not any(m is s for s in model.selector.modules()))
+
+
+@pytest.mark.parametrize('k', [np.int64(7), np.int32(7), torch.tensor(7), 7])
+def test_k_accepts_any_integral_number(k, images):
+    model = tiny_model(k=k)
+    assert model.k == 7 and type(model.k) is int
+    model.set_k(k=k)
+    assert model.forward_selection(images(1))['indices'].shape == (1, 7)
+
+
+@pytest.mark.parametrize('k', [7.0, np.float64(7), torch.tensor(7.0), True, np.bool_(True), torch.tensor(True),
+                               torch.tensor([7])])
+def test_k_refuses_floats_bools_and_non_scalars(k):
+    with pytest.raises(TypeError, match='k must be an int'):
+        tiny_model(k=k)
+
+
+def test_empty_batch_gives_empty_results_like_timms_vit():
+    model = tiny_model(num_classes=4)
+    x = torch.randn(0, 3, 112, 112)
+    with torch.no_grad():
+        assert model(x).shape == (0, 4)
+        assert model.forward_features(x).shape == (0, model.num_prefix_tokens + model.k, 32)
+        assert model.forward_dense(x).shape == (0, 32, 8, 8)
+        sel = model.forward_selection(x)
+        assert sel['map'].shape == (0, 64) and sel['indices'].shape == (0, model.k)
+        final, maps = model.forward_intermediates(x)
+        assert final.shape == (0, model.num_prefix_tokens + model.k, 32) and [m.shape for m in maps] == [
+            (0, 32, 8, 8)] * 2
+        assert model.forward_intermediates(x, output_fmt='NLC', intermediates_only=True)[0].shape == (0, 64, 32)
+
+
+def test_selection_hook_with_ids_outside_the_grid_names_the_grid_and_the_ids(images):
+    model = tiny_model()
+    handle = model.topk.register_forward_hook(lambda m, args, out: torch.full_like(out, 64).index_fill(1, torch.tensor(
+        [0]), -1))
+    with pytest.raises(ValueError, match=r'outside \[0, 64\) for this 64-patch grid: \[-1, 64\]'):
+        model(images(1))
+    handle.remove()
+    assert model(images(1)).shape == (1, 32)  # without the hook, the same model runs
+
+
+def test_missing_weights_file_names_the_path(tmp_path):
+    missing = tmp_path / 'not_there' / 'lookwhere_dinov2.pt'
+    with pytest.raises(FileNotFoundError, match=str(missing)):
+        timm.create_model('lookwhere_vitb_518', pretrained=True, pretrained_cfg_overlay=dict(file=str(missing)), **TINY)
+
+
+def fx_traced(model, return_nodes):
+    from timm.models import get_notrace_functions, get_notrace_modules
+    from torchvision.models.feature_extraction import create_feature_extractor
+    tracer_kwargs = dict(leaf_modules=get_notrace_modules(), autowrap_functions=get_notrace_functions())
+    return create_feature_extractor(model, return_nodes=return_nodes, tracer_kwargs=tracer_kwargs)
+
+
+def test_fx_trace_gives_the_models_outputs_and_keeps_its_checks_and_hooks(images):
+    model = tiny_model(num_classes=3)
+    traced = fx_traced(model, {'head': 'logits', 'topk': 'chosen', 'blocks.1': 'tokens'})
+    x = images(2)
+    with torch.no_grad():
+        out = traced(x)
+        torch.testing.assert_close(out['logits'], model(x), rtol=0, atol=1e-6)
+        assert torch.equal(out['chosen'], model.forward_selection(x)['indices'])
+        assert out['tokens'].shape == (2, model.num_prefix_tokens + model.k, 32)
+        with pytest.raises(ValueError, match='expected 3 input channels, got 4'):  # the input check is in the graph
+            traced(torch.randn(1, 4, 112, 112))
+        fixed = torch.arange(model.k).expand(2, -1)
+        traced.topk.register_forward_hook(lambda m, args, ids: fixed)  # top-k stays a module: hooks still work
+        assert torch.equal(traced(x)['chosen'], fixed)
+
+
+def test_fx_trace_scripts_and_timms_fx_feature_extraction_works(images):
+    model = tiny_model(num_classes=3)
+    x = images(2)
+    scripted = torch.jit.script(fx_traced(model, {'head': 'logits'}))  # TorchScript through FX
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(x)['logits'], model(x), rtol=0, atol=1e-5)
+    features = timm.create_model('lookwhere_vitb_518', features_only=True, feature_cls='fx', out_indices=(0, 1),
+                                 **TINY).eval()
+    with torch.no_grad():
+        assert [f.shape for f in features(x)] == [(2, model.num_prefix_tokens + model.k, 32)] * 2
 
 
 @pytest.mark.parametrize('kwargs, error, match', [

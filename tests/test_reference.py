@@ -1,4 +1,9 @@
-"""Same numbers as the authors' method: selected patches identical, cls and dense within 1e-4 (fp32, CPU)."""
+"""Same numbers as the authors' method: selected patches identical, cls and dense within 1e-4 (fp32, CPU).
+
+The reference makes the selector's low-res copy the authors' way (bilinear, no antialiasing) at every
+size; the models get `selector_antialias=False` where their default would antialias (a downscale
+beyond the authors' 518 -> 154).
+"""
 import pytest
 import torch
 import torch.nn as nn
@@ -38,7 +43,7 @@ def test_tiny_model_from_authors_checkpoint_matches_reference(tmp_path, images, 
     source = tiny_model()
     path, ckpt = save_authors_checkpoint(tmp_path, source)
     model = timm.create_model('lookwhere_vitb_518', pretrained=True, pretrained_cfg_overlay=dict(file=str(path)),
-                              **dict(TINY, img_size=img_size)).eval()
+                              selector_antialias=False, **dict(TINY, img_size=img_size)).eval()
     ref = build_reference(ckpt, img_size, reg_tokens=4, **TINY_ARCH)
     assert_matches_reference(model, ref, images(3, img_size, seed=1))
 
@@ -63,7 +68,7 @@ def test_vitb_from_authors_checkpoint_matches_reference_at_full_size(tmp_path, i
     randomize_(source, scale=0.05)
     path, ckpt = save_authors_checkpoint(tmp_path, source)
     model = timm.create_model('lookwhere_vitb_518', pretrained=True, pretrained_cfg_overlay=dict(file=str(path)),
-                              img_size=img_size).eval()
+                              img_size=img_size, selector_antialias=False).eval()
     assert model.k == int(0.1 * (img_size // 14) ** 2)
     ref = build_reference(ckpt, (img_size, img_size), embed_dim=768, depth=12, num_heads=12, reg_tokens=4,
                           selector_img_size=154, selector_depth=3)

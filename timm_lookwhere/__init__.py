@@ -1,10 +1,14 @@
 """timm-lookwhere: LookWhere models in timm's registry.
 
-Importing this package registers `lookwhere_vitb_518`, `lookwhere_vitb_franca_518` and
-`lookwhere_vits_518` with timm, so `timm.create_model(...)` builds them.
+Importing this package (or timm, once the package is installed) registers `lookwhere_vitb_518`,
+`lookwhere_vitb_224`, `lookwhere_vitb_franca_518`, `lookwhere_vits_518`, `lookwhere_vitt16_256` and
+`lookwhere_vitt16_512` with timm, so `timm.create_model(...)` builds them. `create_teacher(name)` builds
+the full-resolution ViT a pretrained one was distilled from.
 """
 from .dense import idw_fill, nearest_chosen
 from .hub import convert_authors_checkpoint
-from .lookwhere import LookWhere, LookWhereSelector, SelectionRecorder, TopKSelect, checkpoint_filter_fn
+from .lookwhere import (
+    LookWhere, LookWhereSelector, SelectionRecorder, TopKSelect, checkpoint_filter_fn, create_teacher,
+)
 
 __version__ = '0.1.0'

@@ -112,4 +112,4 @@ def idw_fill(
     filled = F.embedding_bag(
         bags, values.reshape(batch_size * num_keep, channels),
         per_sample_weights=weights.flatten(0, 1), mode='sum')  # (B * N, C)
-    return filled.view(batch_size, -1, channels)
+    return filled.view(batch_size, nearest.shape[1], channels)  # (B, N, C); explicit sizes: B may be 0

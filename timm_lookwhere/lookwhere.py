@@ -14,20 +14,20 @@ Forward for one 518x518 image (ViT-B/14, k = 10%):
 """
 import logging
 import math
+import numbers
 import os
-from functools import partial
-from typing import Any, Callable, Dict, List, Optional, Set, Tuple, Type, Union
+from typing import Any, Dict, List, Optional, Set, Tuple, Type, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from einops import rearrange
 from huggingface_hub.errors import LocalEntryNotFoundError
 
+import timm
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import (
-    LayerNorm, Mlp, PatchEmbed, SwiGLUPacked, calculate_drop_path_rates, resample_abs_pos_embed, to_2tuple,
-    trunc_normal_,
+    LayerNorm, Mlp, PatchEmbed, SwiGLUPacked, calculate_drop_path_rates, register_notrace_function,
+    register_notrace_module, resample_abs_pos_embed, to_2tuple, trunc_normal_,
 )
 from timm.models import (
     build_model_with_cfg, checkpoint, checkpoint_seq, generate_default_cfgs, get_pretrained_cfg, named_apply,
@@ -39,11 +39,145 @@ from timm.models.vision_transformer import Block, VisionTransformer, global_pool
 from .dense import idw_fill
 from .hub import check_state_dict_keys, convert_authors_checkpoint, is_authors_layout, weights_unavailable_message
 
-__all__ = ['LookWhere', 'LookWhereSelector', 'TopKSelect', 'SelectionRecorder']
+__all__ = [
+    'LookWhere', 'LookWhereSelector', 'TopKSelect', 'SelectionRecorder', 'checkpoint_filter_fn',
+    'TEACHER_BASE', 'dense_counterpart_kwargs', 'create_teacher',
+]
 
 _logger = logging.getLogger(__name__)
 
 DEFAULT_K_RATIO = 0.1  # the authors' suggestion
+# The authors' selector sees a 518 px image at 154 px: a 3.4x bilinear downscale without antialiasing.
+AUTHORS_SELECTOR_DOWNSCALE = 518 / 154
+
+try:  # newer timm (1.0.31 has it) records a resize made after construction in the model's traits
+    from timm.models._input import update_model_input_size
+except ImportError:  # older timm keeps no traits to update
+    update_model_input_size = None
+
+
+# --------------------------------------------------------------------------------------------
+# building blocks
+
+
+@register_notrace_function
+def check_image_batch(
+        x: torch.Tensor,
+        in_chans: int,
+        patch_size: int,
+        img_size: Optional[Tuple[int, int]] = None,
+        pad: bool = False,
+) -> torch.Tensor:
+    """Raise a ValueError/TypeError that names what is wrong with an input batch, and the way out;
+    return the batch.
+
+    Registered as a no-trace function, FX keeps it as one call in the graph, and because the model
+    goes on with what it returns, graph clean-up (e.g. torchvision's feature extractor) keeps it too:
+    a traced model still checks its input at run time. Written in TorchScript's subset, so the
+    traced graph also scripts.
+
+    Args:
+        img_size: the one (H, W) a fixed-size model takes; None for a model that takes every size.
+        pad: sides need not be multiples of the patch size (the model pads them).
+    """
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f'expected an image tensor (B, C, H, W), got {type(x).__name__}')
+    if x.dim() != 4:
+        raise ValueError(f'expected an image batch (B, C, H, W), got shape {list(x.shape)}')
+    if x.shape[1] != in_chans:
+        raise ValueError(f'expected {in_chans} input channels, got {x.shape[1]} (shape {list(x.shape)})')
+    height, width = x.shape[2], x.shape[3]
+    if height < 1 or width < 1:
+        raise ValueError(f'expected an image of at least 1x1 pixels, got {height}x{width}')
+    if not pad and (height % patch_size != 0 or width % patch_size != 0):
+        raise ValueError(
+            f'image sides must be multiples of the patch size {patch_size}, got {height}x{width}; crop or '
+            f'resize them, or create the model with dynamic_img_size=True, dynamic_img_pad=True to pad them')
+    if img_size is not None and (height != img_size[0] or width != img_size[1]):
+        raise ValueError(
+            f'this model was built for {img_size[0]}x{img_size[1]} images, got {height}x{width}; create it '
+            f'with img_size=({height}, {width}), or with dynamic_img_size=True to take every size')
+    return x
+
+
+@register_notrace_function
+def check_selection(indices: torch.Tensor, batch_size: int, num_patches: int, check_range: bool) -> torch.Tensor:
+    """The selection must be (B, k) integer ids of patches of the grid; `check_range` also reads their
+    values (only a forward hook can put ids outside [0, N) there, so only then is it paid for).
+    Returns the ids as int64 (kept by graph clean-up, as `check_image_batch`)."""
+    if not isinstance(indices, torch.Tensor):
+        raise ValueError(f'top-k selection must give (B, k) integer patch ids, got {type(indices).__name__}')
+    if (indices.dim() != 2 or indices.shape[0] != batch_size or indices.shape[1] < 1
+            or (indices.dtype != torch.int64 and indices.dtype != torch.int32)):
+        raise ValueError(f'top-k selection must give (B, k) integer patch ids with k >= 1 for a batch of '
+                         f'{batch_size}, got shape {list(indices.shape)} of {indices.dtype}')
+    if check_range and indices.numel() > 0:
+        outside = torch.unique(indices[(indices < 0) | (indices >= num_patches)])
+        if outside.numel() > 0:
+            shown: List[int] = outside[:8].tolist()
+            more = ' ...' if outside.numel() > 8 else ''
+            raise ValueError(
+                f'the selection hook returned patch ids outside [0, {num_patches}) for this '
+                f'{num_patches}-patch grid: {shown}{more}')
+    return indices.long()
+
+
+def _cubic_taps(dst: torch.Tensor, in_len: int, out_len: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Where F.interpolate(mode='bicubic', align_corners=False, antialias=False) reads output cells `dst`
+    of an axis resized from in_len to out_len: (..., 4) source ids (clamped to the axis) and weights."""
+    scale = torch.tensor(in_len, dtype=torch.float32) / out_len  # as ATen: float32 in / out
+    src = (dst.float() + 0.5) * scale - 0.5
+    first = src.floor().clamp(max=in_len - 1)
+    t = (src - first).clamp(0, 1)[..., None]  # (..., 1)
+    a = -0.75  # ATen's cubic convolution coefficient
+    d = torch.cat([t + 1, t, 1 - t, 2 - t], dim=-1)  # distances to the 4 taps, (..., 4)
+    near = ((a + 2) * d - (a + 3)) * d * d + 1  # |d| <= 1
+    far = ((a * d - 5 * a) * d + 8 * a) * d - 4 * a  # 1 < |d| < 2
+    weights = torch.cat([far[..., :1], near[..., 1:3], far[..., 3:]], dim=-1)
+    taps = (first.long()[..., None] + torch.arange(-1, 3, device=dst.device)).clamp(0, in_len - 1)
+    return taps, weights
+
+
+@register_notrace_function
+def sample_abs_pos_embed(
+        pos_embed: torch.Tensor,
+        old_size: Tuple[int, int],
+        new_size: Tuple[int, int],
+        indices: torch.Tensor,
+) -> torch.Tensor:
+    """Position embeddings of chosen cells of a grid resized from `old_size` to `new_size`, in O(k).
+
+    Equal (within float rounding) to `resample_abs_pos_embed(pos_embed, new_size, old_size,
+    num_prefix_tokens=0, interpolation='bicubic', antialias=False)[0][indices]`, the authors' resize
+    followed by a gather, without building the (rows * cols, D) grid: each chosen cell mixes its
+    4x4 bicubic taps of the stored grid.
+
+    Args:
+        pos_embed: (1, old_rows * old_cols, D) stored embeddings.
+        indices: (B, k) flat ids of cells of the new (rows, cols) grid.
+
+    Returns:
+        (B, k, D) in pos_embed's dtype.
+    """
+    rows, cols = new_size
+    row_taps, row_weights = _cubic_taps(indices // cols, old_size[0], rows)  # (B, k, 4) each
+    col_taps, col_weights = _cubic_taps(indices % cols, old_size[1], cols)
+    taps = (row_taps[..., :, None] * old_size[1] + col_taps[..., None, :]).flatten(-2)  # (B, k, 16)
+    weights = (row_weights[..., :, None] * col_weights[..., None, :]).flatten(-2)  # (B, k, 16)
+    table = pos_embed[0].float()  # (old_rows * old_cols, D), interpolated in float32 as timm does
+    sampled = F.embedding_bag(taps.flatten(0, 1), table, per_sample_weights=weights.flatten(0, 1), mode='sum')
+    return sampled.view(indices.shape[0], indices.shape[1], table.shape[1]).to(pos_embed.dtype)  # (B, k, D)
+
+
+def _as_count(k: Any) -> int:
+    """An integral number (int, numpy integer, 0-d integer tensor) as an int; bools and floats are refused."""
+    if isinstance(k, torch.Tensor):
+        if k.dim() != 0 or k.dtype == torch.bool or k.is_floating_point() or k.is_complex():
+            raise TypeError(f'k must be an int, got a {k.dtype} tensor of shape {tuple(k.shape)}')
+        return int(k.item())
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral):
+        raise TypeError(f'k must be an int, got {type(k).__name__}')
+    return int(k)
 
 
 class LookWhereSelector(nn.Module):
@@ -67,6 +201,7 @@ class LookWhereSelector(nn.Module):
             mlp_layer: Type[nn.Module] = Mlp,
             act_layer: Optional[Type[nn.Module]] = None,
             map_grid: int = 37,
+            antialias: Optional[bool] = None,
             device=None,
             dtype=None,
     ):
@@ -75,6 +210,9 @@ class LookWhereSelector(nn.Module):
             img_size: side of the square low-res copy the selector sees.
             map_grid: grid side the map head was trained for (518 / 14 = 37); each low-res patch
                 scores a ceil(map_grid / low-res grid)^2 sub-grid, as in the authors' head.
+            antialias: how the low-res copy is made. None: the authors' bilinear resize without
+                antialiasing up to their downscale (518 -> 154, 3.4x), antialiased beyond it, where
+                plain bilinear reads a shrinking fraction of the pixels; True/False: always/never.
         """
         super().__init__()
         dd = {'device': device, 'dtype': dtype}
@@ -89,40 +227,65 @@ class LookWhereSelector(nn.Module):
             raise ValueError(f'the selector works on a square low-res copy, got img_size={img_size}')
         self.num_prefix_tokens = self.backbone.num_prefix_tokens
         self.multiplier = math.ceil(map_grid / self.grid_size[0])
+        self.antialias = antialias
         self.head = Mlp(embed_dim, 4 * embed_dim, self.multiplier ** 2, act_layer=nn.GELU, **dd)
 
-    def forward(self, x: torch.Tensor, out_size: Tuple[int, int]) -> Tuple[torch.Tensor, torch.Tensor]:
-        """(B, C, H, W) high-res image -> (B, rows * cols) map logits, (B, P, D) prefix tokens."""
-        x = F.interpolate(x, size=self.img_size, mode='bilinear', align_corners=False)  # (B, C, 154, 154)
+    def antialias_for(self, image_size: Tuple[int, int]) -> bool:
+        """Whether the low-res copy of an (H, W) image is made with antialiasing (see `antialias`)."""
+        if self.antialias is not None:
+            return self.antialias
+        downscale = max(image_size[0] / self.img_size[0], image_size[1] / self.img_size[1])
+        return downscale > AUTHORS_SELECTOR_DOWNSCALE + 1e-6
+
+    def forward(
+            self,
+            x: torch.Tensor,
+            out_size: Tuple[int, int],
+            antialias: bool = False,
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(B, C, H, W) high-res image -> (B, rows * cols) map logits, (B, P, D) prefix tokens.
+
+        `antialias` is `antialias_for((H, W))`, decided by the caller, which knows the image size
+        even where tracing hides it.
+        """
+        x = F.interpolate(x, size=self.img_size, mode='bilinear', align_corners=False, antialias=antialias)
         x = self.backbone.forward_features(x)  # (B, P + 121, D)
         prefix, patches = x[:, :self.num_prefix_tokens], x[:, self.num_prefix_tokens:]
         # contiguous: on a strided slice F.linear falls back to a batched matmul with the weight
         # copied per image (2x slower on CPU); a copy of the 121 tokens lets it use one GEMM
         scores = self.head(patches.contiguous())  # (B, 121, m*m)
-        scores = rearrange(
-            scores, 'b (h w) (i j) -> b 1 (h i) (w j)',
-            h=self.grid_size[0], i=self.multiplier,
-        )  # (B, 1, 44, 44)
+        (h, w), m = self.grid_size, self.multiplier
+        scores = scores.view(scores.shape[0], h, w, m, m).permute(0, 1, 3, 2, 4)  # (B, 11, 4, 11, 4)
+        scores = scores.reshape(scores.shape[0], 1, h * m, w * m)  # (B, 1, 44, 44)
         scores = F.interpolate(scores, size=out_size, mode='bilinear', align_corners=False)  # (B, 1, rows, cols)
         return scores.flatten(1), prefix  # (B, rows * cols), (B, P, D)
 
 
+@register_notrace_module  # a leaf under FX, so its forward hooks still run in a traced model
 class TopKSelect(nn.Module):
     """Picks the k best-scored patches, best first.
 
     A module of its own so a forward hook can read the map (input) and the indices (output), or
     replace the indices by returning a (B, k') long tensor of flat patch ids.
+
+    `k` is the count on the model's own grid; with `k_ratio` set, every call keeps that fraction of
+    the patches of its own grid (a model that takes images of many sizes).
     """
 
-    def __init__(self, k: int):
+    def __init__(self, k: int, k_ratio: Optional[float] = None):
         super().__init__()
         self.k = k
+        self.k_ratio = k_ratio
+
+    def num_keep(self, num_patches: int) -> int:
+        """How many of `num_patches` patches a call keeps."""
+        return self.k if self.k_ratio is None else max(1, int(self.k_ratio * num_patches))
 
     def forward(self, scores: torch.Tensor) -> torch.Tensor:
-        return scores.topk(self.k, dim=1, sorted=True).indices  # (B, k)
+        return scores.topk(self.num_keep(scores.shape[1]), dim=1, sorted=True).indices  # (B, k)
 
     def extra_repr(self) -> str:
-        return f'k={self.k}'
+        return f'k={self.k}' if self.k_ratio is None else f'k={self.k}, k_ratio={self.k_ratio}'
 
 
 class SelectionRecorder:
@@ -178,8 +341,11 @@ class LookWhere(nn.Module):
             proj_drop_rate: float = 0.,
             attn_drop_rate: float = 0.,
             drop_path_rate: float = 0.,
+            dynamic_img_size: bool = False,
+            dynamic_img_pad: bool = False,
             selector_img_size: int = 154,
             selector_depth: int = 3,
+            selector_antialias: Optional[bool] = None,
             map_grid: int = 37,
             k: Optional[int] = None,
             k_ratio: Optional[float] = None,
@@ -191,13 +357,22 @@ class LookWhere(nn.Module):
     ):
         """
         Args:
-            img_size: high-res input size, int or (H, W); each side a multiple of patch_size.
+            img_size: high-res input size, int or (H, W); each side a multiple of patch_size. With
+                dynamic_img_size, the size the position embeddings are stored at (the weights' own).
             reg_tokens: register tokens of the selector (they become the extractor's prefix too).
+            dynamic_img_size: take every image at its own size, each side a multiple of patch_size
+                (timm's ViT argument): the position embeddings of the chosen patches are interpolated
+                from the stored grid, the selector's map is resized to the image's grid.
+            dynamic_img_pad: with dynamic_img_size, take any sides: pad right and bottom to whole
+                patches, as timm's ViT does.
             selector_img_size: side of the low-res copy the selector sees.
             selector_depth: blocks in the selector ViT.
+            selector_antialias: how that copy is made; None (default): the authors' bilinear resize
+                up to their 3.4x downscale, antialiased beyond (see LookWhereSelector).
             map_grid: high-res grid side the selector head was trained for (518 / 14).
             k: patches the extractor sees; or
-            k_ratio: that number as a fraction of the high-res patches (default 0.1).
+            k_ratio: that number as a fraction of the high-res patches (default 0.1); with
+                dynamic_img_size, of each image's own patches.
             freeze_selector: keep the selector fixed (the authors' fine-tuning). When False its ViT
                 trains through the prefix tokens; its map head still gets no gradient from a task
                 loss (top-k is not differentiable) and stays frozen unless set otherwise, see
@@ -216,24 +391,26 @@ class LookWhere(nn.Module):
         self.global_pool = global_pool
         self.num_features = self.head_hidden_size = self.embed_dim = embed_dim
         self.num_neighbors = num_neighbors
+        self.dynamic_img_size = dynamic_img_size
+        self.dynamic_img_pad = dynamic_img_pad
         self.grad_checkpointing = False
 
         self.selector = LookWhereSelector(
             img_size=selector_img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim,
             depth=selector_depth, num_heads=num_heads, mlp_ratio=mlp_ratio, reg_tokens=reg_tokens,
-            init_values=init_values, mlp_layer=mlp_layer, act_layer=act_layer, map_grid=map_grid, **dd,
+            init_values=init_values, mlp_layer=mlp_layer, act_layer=act_layer, map_grid=map_grid,
+            antialias=selector_antialias, **dd,
         )
         self.num_prefix_tokens = self.selector.num_prefix_tokens
         self.num_reg_tokens = reg_tokens
         self.has_class_token = True
 
+        # only its weights are used (on the chosen patches); strict_img_size tells timm whether the size is fixed
         self.patch_embed = PatchEmbed(
-            img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim, **dd)
-        self.grid_size = self.patch_embed.grid_size
-        self.num_patches = self.patch_embed.num_patches
-        self.pos_embed = nn.Parameter(torch.empty(1, self.num_patches, embed_dim, **dd))
+            img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim,
+            strict_img_size=not dynamic_img_size, dynamic_img_pad=dynamic_img_pad, **dd)
+        self.pos_embed = nn.Parameter(torch.empty(1, self.patch_embed.num_patches, embed_dim, **dd))
         self.topk = TopKSelect(1)
-        self.k_ratio: Optional[float] = None
         if k is None and k_ratio is None:
             k_ratio = DEFAULT_K_RATIO
         self.set_k(k=k, k_ratio=k_ratio)
@@ -258,34 +435,82 @@ class LookWhere(nn.Module):
     # ----------------------------------------------------------------------------------------
     # set-up
 
+    @property
+    def grid_size(self) -> Tuple[int, int]:
+        """The (rows, cols) patch grid of the model's own image size, the grid `pos_embed` is stored at."""
+        return self.patch_embed.grid_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.patch_embed.num_patches
+
     def init_weights(self) -> None:
         trunc_normal_(self.pos_embed, std=.02)
         for module in (self.patch_embed, self.blocks, self.head, self.selector.head):
             named_apply(init_weights_vit_timm, module)
 
     def set_k(self, k: Optional[int] = None, k_ratio: Optional[float] = None) -> None:
-        """Set how many high-res patches the extractor sees: a count `k` or a fraction `k_ratio`."""
+        """Set how many high-res patches the extractor sees: a count `k` or a fraction `k_ratio`.
+
+        Any integral number (int, numpy or 0-d torch integer) is a count; a fraction follows each
+        image's own grid when the model takes dynamic sizes.
+        """
         if (k is None) == (k_ratio is None):
             raise ValueError(f'give exactly one of k or k_ratio, got k={k!r}, k_ratio={k_ratio!r}')
         if k is not None:
-            if isinstance(k, bool) or not isinstance(k, int):
-                raise TypeError(f'k must be an int, got {type(k).__name__}')
+            k = _as_count(k)
             if not 1 <= k <= self.num_patches:
                 raise ValueError(
                     f'k={k} must be between 1 and the {self.num_patches} patches of a '
                     f'{self.grid_size[0]}x{self.grid_size[1]} grid')
         else:
-            if isinstance(k_ratio, bool) or not isinstance(k_ratio, (int, float)):
+            if isinstance(k_ratio, (bool, torch.Tensor)) or not isinstance(k_ratio, numbers.Real):
                 raise TypeError(f'k_ratio must be a float, got {type(k_ratio).__name__}')
+            k_ratio = float(k_ratio)
             if not 0 < k_ratio <= 1:
                 raise ValueError(f'k_ratio must be in (0, 1], got {k_ratio}')
-            k = max(1, int(k_ratio * self.num_patches))
-        self.topk.k = k
         self.k_ratio = k_ratio
+        self.topk.k = k if k is not None else max(1, int(k_ratio * self.num_patches))
+        self.topk.k_ratio = k_ratio if self.dynamic_img_size else None  # a fixed grid keeps a fixed count
 
     @property
     def k(self) -> int:
+        """Patches the extractor sees in an image of the model's own size."""
         return self.topk.k
+
+    def set_input_size(
+            self,
+            img_size: Optional[Union[int, Tuple[int, int]]] = None,
+            patch_size: Optional[Union[int, Tuple[int, int]]] = None,
+    ) -> None:
+        """Change the model's own image size, as timm's ViT does: the stored position embeddings
+        are resized to the new grid (bicubic, no antialiasing, as at load) and k follows k_ratio.
+
+        The selector keeps its low-res input; the patch size is fixed by the selector's map head.
+        """
+        if patch_size is not None and to_2tuple(patch_size) != tuple(self.patch_embed.patch_size):
+            raise ValueError(
+                f'the patch size of a LookWhere is fixed ({self.patch_embed.patch_size[0]}): its selector head '
+                f'scores patches of that size; got patch_size={patch_size}')
+        if img_size is None:
+            return
+        img_size = to_2tuple(img_size)
+        patch = self.patch_embed.patch_size[0]
+        if any(s % patch or s <= 0 for s in img_size):
+            raise ValueError(f'image sides must be positive multiples of the patch size {patch}, got {img_size}')
+        if self.k_ratio is None and self.k > (img_size[0] // patch) * (img_size[1] // patch):
+            raise ValueError(
+                f'k={self.k} is more than the {(img_size[0] // patch) * (img_size[1] // patch)} patches of '
+                f'{img_size[0]}x{img_size[1]} images; set_k first')
+        old_grid = self.grid_size
+        self.patch_embed.set_input_size(img_size=img_size)
+        if self.grid_size != old_grid:
+            self.pos_embed = nn.Parameter(resample_abs_pos_embed(
+                self.pos_embed.detach(), new_size=self.grid_size, old_size=old_grid, num_prefix_tokens=0,
+                interpolation='bicubic', antialias=False), requires_grad=self.pos_embed.requires_grad)
+        self.set_k(k=None if self.k_ratio is not None else self.k, k_ratio=self.k_ratio)
+        if update_model_input_size is not None:
+            update_model_input_size(self, img_size)
 
     def set_selector_trainable(self, trainable: bool = True, head: bool = False) -> None:
         """Train (or freeze) the selector ViT; `head=True` also trains its map head, which only a
@@ -330,90 +555,120 @@ class LookWhere(nn.Module):
             if global_pool not in ('token', 'avg', ''):
                 raise ValueError(f"global_pool must be 'token', 'avg' or '', got {global_pool!r}")
             self.global_pool = global_pool
+        # the new head follows the model's device, dtype and train/eval mode
         self.head = nn.Linear(self.embed_dim, num_classes, device=self.pos_embed.device,
                               dtype=self.pos_embed.dtype) if num_classes > 0 else nn.Identity()
+        self.head.train(self.training)
 
     # ----------------------------------------------------------------------------------------
     # forward
 
-    def _check_input(self, x: torch.Tensor) -> None:
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f'expected an image tensor (B, C, H, W), got {type(x).__name__}')
-        if x.ndim != 4:
-            raise ValueError(f'expected an image batch (B, C, H, W), got shape {tuple(x.shape)}')
-        if x.shape[1] != self.in_chans:
-            raise ValueError(f'expected {self.in_chans} input channels, got {x.shape[1]} (shape {tuple(x.shape)})')
-        size, patch = tuple(x.shape[-2:]), self.patch_embed.patch_size[0]
-        if size[0] % patch or size[1] % patch:
-            raise ValueError(f'image sides must be multiples of the patch size {patch}, got {size[0]}x{size[1]}')
-        if size != self.patch_embed.img_size:
+    def _image_on_grid(self, x: torch.Tensor) -> Tuple[torch.Tensor, Tuple[int, int]]:
+        """Check the input; return it on whole patches (padded when asked) and its (rows, cols) grid."""
+        patch = self.patch_embed.patch_size[0]
+        pad = self.dynamic_img_size and self.dynamic_img_pad
+        x = check_image_batch(x, self.in_chans, patch, None if self.dynamic_img_size else self.patch_embed.img_size, pad)
+        if not self.dynamic_img_size:
+            return x, self.grid_size  # static, also where tracing hides the input's shape
+        if pad:
+            x = F.pad(x, (0, -x.shape[-1] % patch, 0, -x.shape[-2] % patch))  # right and bottom, as timm
+        return x, (x.shape[-2] // patch, x.shape[-1] // patch)
+
+    def select(
+            self,
+            x: torch.Tensor,
+            grid_size: Optional[Tuple[int, int]] = None,
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Selector and top-k on images on whole patches of a (rows, cols) grid (default: the model's own):
+        (B, N) map logits, (B, P, D) prefix tokens, (B, k) chosen patch ids."""
+        rows, cols = self.grid_size if grid_size is None else grid_size
+        patch = self.patch_embed.patch_size[0]
+        k = self.topk.num_keep(rows * cols)
+        if k > rows * cols:
             raise ValueError(
-                f'this model was built for {self.patch_embed.img_size[0]}x{self.patch_embed.img_size[1]} images, '
-                f'got {size[0]}x{size[1]}; create it with img_size={size}')
-
-    def select(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Selector and top-k: (B, N) map logits, (B, P, D) prefix tokens, (B, k) chosen patch ids."""
+                f'k={k} is more than the {rows * cols} patches of a {rows}x{cols} grid ({rows * patch}x'
+                f'{cols * patch} px images); set a smaller k, or a k_ratio that follows the image size')
+        antialias = self.selector.antialias_for((rows * patch, cols * patch))
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.selector_trainable):
-            scores, prefix = self.selector(x, self.grid_size)  # (B, N), (B, P, D)
+            scores, prefix = self.selector(x, (rows, cols), antialias)  # (B, N), (B, P, D)
         indices = self.topk(scores)  # (B, k), a hook may have replaced it
-        if (not isinstance(indices, torch.Tensor) or indices.ndim != 2 or indices.shape[0] != x.shape[0]
-                or indices.dtype not in (torch.int64, torch.int32) or indices.shape[1] < 1):
-            got = tuple(indices.shape) if isinstance(indices, torch.Tensor) else type(indices).__name__
-            raise ValueError(f'top-k selection must give (B, k) integer patch ids with k >= 1, got {got}')
-        return scores, prefix, indices.long()
+        indices = check_selection(indices, x.shape[0], rows * cols, len(self.topk._forward_hooks) > 0)
+        return scores, prefix, indices
 
-    def embed_patches(self, x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-        """Cut out only the chosen patches, then embed them: (B, C, H, W), (B, k) -> (B, k, D)."""
-        B, C = x.shape[:2]
+    def embed_patches(
+            self,
+            x: torch.Tensor,
+            indices: torch.Tensor,
+            grid_size: Optional[Tuple[int, int]] = None,
+    ) -> torch.Tensor:
+        """Cut out only the chosen patches, then embed them: (B, C, H, W), (B, k) -> (B, k, D).
+
+        The position embedding of each chosen patch is read from the stored grid, interpolated
+        there when the image's (rows, cols) grid is another (O(k), see `sample_abs_pos_embed`).
+        """
+        B, C = x.shape[0], x.shape[1]
         k = indices.shape[1]
-        (rows, cols), p = self.grid_size, self.patch_embed.patch_size[0]
+        (rows, cols), p = (self.grid_size if grid_size is None else grid_size), self.patch_embed.patch_size[0]
         # Every run of p pixels of an image row is a row of a (B * C * H * cols, p) view, so one
         # index_select of C * p runs per patch cuts them out: 2x faster on CPU than advanced
         # indexing into the (B, C, rows, p, cols, p) grid, and the result is already (B * k, C * p * p).
-        runs = x.contiguous().view(-1, p)
+        runs = x.contiguous().view(B * C * rows * p * cols, p)
         batch = torch.arange(B, device=x.device)[:, None]
         first = (batch * C * rows * p + (indices // cols) * p) * cols + indices % cols  # (B, k): channel 0, row 0
         channel_rows = torch.arange(C, device=x.device)[:, None] * rows * p + torch.arange(p, device=x.device)
         patches = runs.index_select(0, (first[..., None] + channel_rows.flatten() * cols).flatten())  # (B*k*C*p, p)
         proj = self.patch_embed.proj
-        tokens = F.linear(patches.view(B * k, -1), proj.weight.flatten(1), proj.bias).view(B, k, -1)  # (B, k, D)
-        tokens = self.patch_embed.norm(tokens)
-        return tokens + self.pos_embed[0][indices]  # (B, k, D)
+        tokens = F.linear(patches.view(B * k, C * p * p), proj.weight.flatten(1), proj.bias).view(B, k, proj.out_channels)
+        tokens = self.patch_embed.norm(tokens)  # (B, k, D)
+        if (rows, cols) == self.grid_size:
+            return tokens + self.pos_embed[0][indices]
+        return tokens + sample_abs_pos_embed(self.pos_embed, self.grid_size, (rows, cols), indices)
 
-    def _input_tokens(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The extractor's input: (B, N) map logits, (B, k) chosen ids, (B, P + k, D) tokens."""
-        self._check_input(x)
-        scores, prefix, indices = self.select(x)
-        return scores, indices, torch.cat([prefix, self.embed_patches(x, indices)], dim=1)
+    def _input_tokens(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, Tuple[int, int]]:
+        """The extractor's input: (B, N) map logits, (B, k) chosen ids, (B, P + k, D) tokens, the (rows, cols) grid."""
+        x, grid = self._image_on_grid(x)
+        scores, prefix, indices = self.select(x, grid)
+        return scores, indices, torch.cat([prefix, self.embed_patches(x, indices, grid)], dim=1), grid
 
-    def forward_all(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
-        """Everything one forward computes: `map` (B, N), `indices` (B, k), `tokens` (B, P + k, D)."""
-        scores, indices, tokens = self._input_tokens(x)  # (B, N), (B, k), (B, P + k, D)
+    def _blocks_and_norm(self, tokens: torch.Tensor) -> torch.Tensor:
         if self.grad_checkpointing and not torch.jit.is_scripting():
             tokens = checkpoint_seq(self.blocks, tokens)
         else:
             tokens = self.blocks(tokens)
-        return dict(map=scores, indices=indices, tokens=self.norm(tokens))
+        return self.norm(tokens)
+
+    def forward_all(self, x: torch.Tensor) -> Dict[str, Any]:
+        """Everything one forward computes: `map` (B, N), `indices` (B, k), `tokens` (B, P + k, D),
+        and `grid_size`, the image's (rows, cols) patch grid the map and the ids refer to."""
+        scores, indices, tokens, grid = self._input_tokens(x)
+        return dict(map=scores, indices=indices, tokens=self._blocks_and_norm(tokens), grid_size=grid)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> (B, P + k, D): the selector's prefix tokens then the k patch tokens."""
-        return self.forward_all(x)['tokens']
+        return self._blocks_and_norm(self._input_tokens(x)[2])
 
-    def forward_selection(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
-        """Selector only: `map` (B, N) logits over the high-res patches, `indices` (B, k) chosen."""
-        self._check_input(x)
-        scores, _, indices = self.select(x)
-        return dict(map=scores, indices=indices)
+    def forward_selection(self, x: torch.Tensor) -> Dict[str, Any]:
+        """Selector only: `map` (B, N) logits over the high-res patches, `indices` (B, k) chosen, `grid_size`."""
+        x, grid = self._image_on_grid(x)
+        scores, _, indices = self.select(x, grid)
+        return dict(map=scores, indices=indices, grid_size=grid)
 
-    def dense_from_tokens(self, tokens: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-        """(B, P + k, D) tokens, (B, k) ids -> (B, D, rows, cols), every cell filled from the k."""
-        filled = idw_fill(tokens[:, self.num_prefix_tokens:], indices, self.grid_size, self.num_neighbors)
-        return rearrange(filled, 'b (h w) c -> b c h w', h=self.grid_size[0])
+    def dense_from_tokens(
+            self,
+            tokens: torch.Tensor,
+            indices: torch.Tensor,
+            grid_size: Optional[Tuple[int, int]] = None,
+    ) -> torch.Tensor:
+        """(B, P + k, D) tokens, (B, k) ids -> (B, D, rows, cols), every cell of the grid (default: the
+        model's own) filled from the k."""
+        rows, cols = self.grid_size if grid_size is None else grid_size
+        filled = idw_fill(tokens[:, self.num_prefix_tokens:], indices, (rows, cols), self.num_neighbors)  # (B, N, D)
+        return filled.view(filled.shape[0], rows, cols, filled.shape[2]).permute(0, 3, 1, 2)  # (B, D, rows, cols)
 
     def forward_dense(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) -> (B, D, H / 14, W / 14) features for every high-res patch."""
+        """(B, C, H, W) -> (B, D, rows, cols) features for every high-res patch (rows = H / patch)."""
         out = self.forward_all(x)
-        return self.dense_from_tokens(out['tokens'], out['indices'])
+        return self.dense_from_tokens(out['tokens'], out['indices'], out['grid_size'])
 
     def _take_block_indices(self, indices: Optional[Union[int, List[int]]]) -> Tuple[List[int], int]:
         """timm's rule (None: every block, n: the last n, a list: those, negative from the end),
@@ -455,7 +710,7 @@ class LookWhere(nn.Module):
         if output_fmt not in ('NCHW', 'NLC'):
             raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
         take_indices, max_index = self._take_block_indices(indices)
-        _, chosen, tokens = self._input_tokens(x)  # (B, k), (B, P + k, D)
+        _, chosen, tokens, grid = self._input_tokens(x)  # (B, k), (B, P + k, D), (rows, cols)
 
         blocks = self.blocks[:max_index + 1] if stop_early else self.blocks
         taken = []
@@ -471,7 +726,7 @@ class LookWhere(nn.Module):
         # every block shares the selection: one neighbour search fills all of them, side by side in channels
         intermediates = []
         if taken:
-            filled = self.dense_from_tokens(torch.cat(taken, dim=-1), chosen)  # (B, n * D, rows, cols)
+            filled = self.dense_from_tokens(torch.cat(taken, dim=-1), chosen, grid)  # (B, n * D, rows, cols)
             intermediates = list(filled.split(self.embed_dim, dim=1))  # (B, D, rows, cols) each
         if output_fmt == 'NLC':
             intermediates = [y.flatten(2).transpose(1, 2) for y in intermediates]  # (B, rows * cols, D)
@@ -556,6 +811,8 @@ def checkpoint_filter_fn(
 
 def _create_lookwhere(variant: str, pretrained: bool = False, **kwargs) -> LookWhere:
     overlay = kwargs.get('pretrained_cfg_overlay') or {}
+    if pretrained:
+        _check_weights_file(variant, kwargs.get('pretrained_cfg'), overlay)
     if overlay.get('file') and 'num_classes' in kwargs and 'num_classes' not in overlay:
         # A local file describes its own head: keep a fine-tuned classifier instead of letting the
         # registry's num_classes (0 for the authors' feature weights) discard it.
@@ -573,6 +830,26 @@ def _create_lookwhere(variant: str, pretrained: bool = False, **kwargs) -> LookW
         tag = kwargs.get('pretrained_cfg')
         cfg = get_pretrained_cfg(f'{variant}.{tag}' if isinstance(tag, str) else variant)
         raise RuntimeError(weights_unavailable_message(variant, cfg.hf_hub_id, cfg.hf_hub_filename)) from err
+
+
+WEIGHTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'weights')
+
+
+def _check_weights_file(variant: str, tag: Any, overlay: Dict[str, Any]) -> None:
+    """A local weights file that is not there: say which, and what to do (timm raises a bare error)."""
+    if overlay.get('file'):
+        if not os.path.isfile(overlay['file']):
+            raise FileNotFoundError(
+                f"pretrained_cfg_overlay file {overlay['file']!r} does not exist (working directory "
+                f"{os.getcwd()}); pass the path of a weights file: the authors' .pt, or a .safetensors/.pth state dict")
+        return
+    if overlay.get('url') or overlay.get('hf_hub_id'):
+        return
+    cfg = get_pretrained_cfg(f'{variant}.{tag}' if isinstance(tag, str) else variant)
+    if cfg is not None and cfg.file and not os.path.isfile(cfg.file):
+        raise FileNotFoundError(
+            f'the weights of {variant}.{cfg.tag} are not installed: {cfg.file} is missing. Reinstall '
+            f'timm-lookwhere, or train and ship them with benchmarks/sparse_signs.py --ship')
 
 
 def _cfg(**kwargs) -> Dict[str, Any]:
@@ -602,16 +879,87 @@ default_cfgs = generate_default_cfgs({
         hf_hub_id='antofuller/lookwhere', hf_hub_filename='lookwhere_franca.pt',
         paper_ids='arXiv:2505.18051', notes=('Selector and extractor distilled from Franca ViT-B/14.',),
     ),
+    # the same file at 224 px: what fits ImageNet-sized pipelines (and timm's own model tests, whose size limits
+    # skip 518 px models); the authors trained and evaluated at 518 px only
+    'lookwhere_vitb_224.dinov2': _cfg(
+        hf_hub_id='antofuller/lookwhere', hf_hub_filename='lookwhere_dinov2.pt', input_size=(3, 224, 224),
+        paper_ids='arXiv:2505.18051', notes=(
+            "The authors' 518 px DINOv2 weights run at 224 px: extractor position embeddings resized (bicubic) on "
+            'load, the selector unchanged. Not a size the authors evaluated.',),
+    ),
     'lookwhere_vits_518': _cfg(notes=('No published weights: pre-train it with timm_lookwhere.distill.',)),
     # trained by benchmarks/sparse_signs.py and shipped inside the package: loads offline
     'lookwhere_vitt16_256.sparse_signs': _cfg(
-        file=os.path.join(
-            os.path.dirname(os.path.abspath(__file__)), 'weights', 'lookwhere_vitt16_256_sparse_signs.safetensors'),
+        file=os.path.join(WEIGHTS_DIR, 'lookwhere_vitt16_256_sparse_signs.safetensors'),
         num_classes=14, input_size=(3, 256, 256), interpolation='bilinear',
         notes=('Sparse traffic signs (timm_lookwhere.data): teacher trained, distilled, fine-tuned with the '
-               'selector frozen, all by benchmarks/sparse_signs.py.',),
+               'selector frozen, all by benchmarks/sparse_signs.py --config 256.',),
+    ),
+    'lookwhere_vitt16_512.sparse_signs': _cfg(
+        file=os.path.join(WEIGHTS_DIR, 'lookwhere_vitt16_512_sparse_signs.safetensors'),
+        num_classes=14, input_size=(3, 512, 512), interpolation='bilinear',
+        notes=('Sparse traffic signs in 512 px scenes, the sign 0.25-0.5% of the image (timm_lookwhere.data, '
+               'WIDE_AREA_RANGE): benchmarks/sparse_signs.py --config 512.',),
     ),
 })
+
+
+# The timm entry dense (full-resolution) ViTs are built from: its defaults (no position embedding slot
+# for the cls token, ImageNet mean/std) are LookWhere's; its size comes from dense_counterpart_kwargs.
+TEACHER_BASE = 'vit_small_patch14_reg4_dinov2'
+# The teacher each shipped model was distilled from, when the package ships it (benchmarks/sparse_signs.py).
+SHIPPED_TEACHER_FILES = {
+    'lookwhere_vitt16_256.sparse_signs': os.path.join(WEIGHTS_DIR, 'vit_teacher_vitt16_256_sparse_signs.safetensors'),
+    'lookwhere_vitt16_512.sparse_signs': os.path.join(WEIGHTS_DIR, 'vit_teacher_vitt16_512_sparse_signs.safetensors'),
+}
+# The teacher of the authors' weights is in timm's own zoo.
+ZOO_TEACHERS = {'lookwhere_vitb_518.dinov2': 'vit_base_patch14_reg4_dinov2.lvd142m'}
+
+
+def dense_counterpart_kwargs(model: LookWhere) -> Dict[str, Any]:
+    """`timm.create_model(TEACHER_BASE, **kwargs)` arguments for a ViT with the extractor's blocks
+    that sees every patch: the full-resolution model LookWhere is compared with (and distilled from)."""
+    block = model.blocks[0]
+    kwargs = dict(
+        img_size=tuple(model.patch_embed.img_size), patch_size=model.patch_embed.patch_size[0],
+        embed_dim=model.embed_dim, depth=len(model.blocks), num_heads=block.attn.num_heads,
+        mlp_ratio=block.mlp.fc1.out_features / model.embed_dim, reg_tokens=model.num_reg_tokens,
+        init_values=None if isinstance(block.ls1, nn.Identity) else 1e-5, num_classes=model.num_classes,
+    )
+    if type(block.mlp).__name__ != 'Mlp':  # e.g. Franca's SwiGLU
+        kwargs.update(mlp_layer=type(block.mlp), act_layer=type(block.mlp.act))
+    if kwargs['img_size'][0] == kwargs['img_size'][1]:
+        kwargs['img_size'] = kwargs['img_size'][0]
+    return kwargs
+
+
+def create_teacher(model_name: str, pretrained: bool = True, **kwargs) -> VisionTransformer:
+    """The full-resolution ViT a pretrained LookWhere was distilled from, e.g.
+    `create_teacher('lookwhere_vitt16_256.sparse_signs')` (shipped in the package, loads offline).
+
+    Args:
+        model_name: a LookWhere name with its pretrained tag (the default tag when none is given).
+        pretrained: load the teacher's weights; False builds the same architecture at random.
+        **kwargs: more `timm.create_model` arguments (e.g. img_size for the shipped teachers).
+    """
+    cfg = get_pretrained_cfg(model_name)
+    name = f'{model_name.split(".")[0]}.{cfg.tag}' if cfg is not None else model_name
+    if name in ZOO_TEACHERS:
+        return timm.create_model(ZOO_TEACHERS[name], pretrained=pretrained, **kwargs)
+    if name not in SHIPPED_TEACHER_FILES:
+        known = sorted(SHIPPED_TEACHER_FILES) + sorted(ZOO_TEACHERS)
+        raise ValueError(f'no known teacher for {model_name!r}; teachers are known for {known}')
+    lookwhere = timm.create_model(name.split('.')[0], num_classes=cfg.num_classes, weight_init='skip')
+    args = dict(dense_counterpart_kwargs(lookwhere), **kwargs)
+    if not pretrained:
+        return timm.create_model(TEACHER_BASE, **args)
+    file = SHIPPED_TEACHER_FILES[name]
+    if not os.path.isfile(file):
+        raise FileNotFoundError(
+            f'the shipped teacher weights {file} are missing: reinstall timm-lookwhere, or train them with '
+            f'benchmarks/sparse_signs.py --ship')
+    overlay = dict(file=file, num_classes=args['num_classes'])  # num_classes in the overlay keeps the head
+    return timm.create_model(TEACHER_BASE, pretrained=True, pretrained_cfg_overlay=overlay, **args)
 
 
 @register_model
@@ -622,6 +970,16 @@ def lookwhere_vitb_518(pretrained: bool = False, **kwargs) -> LookWhere:
         selector_img_size=154, selector_depth=3,
     )
     return _create_lookwhere('lookwhere_vitb_518', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def lookwhere_vitb_224(pretrained: bool = False, **kwargs) -> LookWhere:
+    """lookwhere_vitb_518 at 224 px (16x16 patches, k = 25 by default): the authors' weights, resized on load."""
+    model_args = dict(
+        img_size=224, patch_size=14, embed_dim=768, depth=12, num_heads=12, init_values=1e-5, reg_tokens=4,
+        selector_img_size=154, selector_depth=3,
+    )
+    return _create_lookwhere('lookwhere_vitb_224', pretrained=pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
@@ -656,3 +1014,16 @@ def lookwhere_vitt16_256(pretrained: bool = False, **kwargs) -> LookWhere:
         selector_img_size=128, selector_depth=1, map_grid=16,
     )
     return _create_lookwhere('lookwhere_vitt16_256', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def lookwhere_vitt16_512(pretrained: bool = False, **kwargs) -> LookWhere:
+    """LookWhere ViT-Tiny-class /16 at 512 px (128 wide, 6 blocks, no registers): 1-block selector at 128 px.
+
+    The `sparse_signs` tag is the high-res model of benchmarks/sparse_signs.py, shipped in the package.
+    """
+    model_args = dict(
+        img_size=512, patch_size=16, embed_dim=128, depth=6, num_heads=4, init_values=1e-5, reg_tokens=0,
+        selector_img_size=128, selector_depth=1, map_grid=32,
+    )
+    return _create_lookwhere('lookwhere_vitt16_512', pretrained=pretrained, **dict(model_args, **kwargs))
