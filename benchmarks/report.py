@@ -86,7 +86,8 @@ def to_markdown(results: Dict[str, object], plots: List[str]) -> str:
         '',
         f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['torch_threads']} threads), "
         f"timm {m['timm']}, Python {m['python']}; load average {m['load_average_start'][0]:.1f} at the start, "
-        f"{m['load_average_end'][0]:.1f} at the end.",
+        f"{m['load_average_end'][0]:.1f} at the end. Models on {m.get('gpu') or m.get('device', 'cpu')}"
+        f"{', bfloat16 autocast' if m.get('amp') else ', float32'}.",
         '',
         '### Targets',
         '',

@@ -1,33 +1,51 @@
 #!/usr/bin/env python3
-""" Sparse traffic signs, end to end: does LookWhere learn where to look?
+""" Sparse traffic signs, end to end: does LookWhere learn where to look, and does it pay at high resolution?
 
-The paper's pipeline on `timm_lookwhere.data`'s procedural scenes (one sign covering 1-2% of a
-cluttered 256 px image, 14 classes), with the project's own tools, on a CPU:
+The paper's pipeline on `timm_lookwhere.data`'s procedural scenes (one sign in a cluttered image,
+14 classes), with the project's own tools, on a CPU. Two configurations:
 
-    data      the training scenes as a uint8 tensor cache, and the distillation images as an ImageFolder
-              (train split, other seeds)
-    teacher   a full-resolution ViT (the LookWhere extractor's size, all 256 patches), trained from
-              scratch on the labels plus a patch-level loss from the generator's sign boxes (each patch
-              token names the sign under it, or background): first on 64 px windows around the sign at
-              their true positions (16x cheaper per image: it learns what signs look like), then on
-              whole scenes (it learns to find them); the patch head is dropped afterwards
-    distill   `python -m timm_lookwhere.distill`: selector and extractor from the frozen teacher
-    finetune  LookWhere with the selector frozen (the paper's recipe), k drawn per step from 2-10%;
-              the classifier starts from the teacher's (the extractor's cls token was distilled to
-              match the teacher's)
-    lowres    the baseline at equal cost: the teacher fine-tuned on a low-res copy of the image, at
-              the resolution whose FLOPs match LookWhere at k = 5%
+    --config 512  (default) the paper's regime: 512 px scenes (1024 patches of 16 px), the sign 0.25-0.5%
+                  of the image (the pixels it has in a 256 px scene, in a 4x larger field of view);
+                  ships lookwhere_vitt16_512.sparse_signs
+    --config 256  256 px scenes, the sign 1-2% of the image; ships lookwhere_vitt16_256.sparse_signs
+
+Stages:
+
+    data      the training scenes as a memory-mapped uint8 cache, and the distillation images as an
+              ImageFolder (train split, other seeds)
+    teacher   a full-resolution ViT (the LookWhere extractor's size, every patch), trained on the labels
+              plus a patch-level loss from the generator's sign boxes (each patch token names the sign
+              under it, or background), in phases of growing windows around the sign at their true
+              positions: a 4x4-patch window teaches what signs look like at a 64th of a 512 px scene's
+              cost, larger windows and whole scenes teach finding them among clutter; the patch head is
+              dropped afterwards. `teacher_init` starts it from another shipped sign teacher.
+    distill   `python -m timm_lookwhere.distill`: selector and extractor from the frozen teacher, whose
+              targets are computed once per image (--teacher-cache); then the distilled selector's share
+              of the sign's patches on the validation scenes
+    finetune  LookWhere with the selector frozen (the paper's recipe), k drawn per step from
+              `finetune_k_range`; the classifier starts from the teacher's (the extractor's cls token was
+              distilled to match the teacher's)
+    lowres    the baseline at equal cost: the teacher fine-tuned on a low-res copy of the image, at the
+              resolution whose FLOPs match LookWhere at k = 5%
     export    fp16 safetensors of LookWhere and of the teacher (`--ship` copies them into the package)
-    evaluate  on the test split, from the exported files: accuracy, GFLOPs, CPU latency, and random
-              selection at the same k (a forward hook on `model.topk` replaces LookWhere's choice)
+    evaluate  on the held-out test scenes, from the exported files: accuracy, GFLOPs (attention
+              counted), CPU latency at batch 1 and 64, and random selection at the same k (a forward
+              hook on `model.topk` replaces LookWhere's choice)
 
-Every stage keeps its output in --output and is skipped when it is there, so a stopped run goes on
-where it stopped (distillation resumes mid-run). Progress goes to the console and OUTPUT/run.log.
+Every stage keeps its output in --output and is skipped when it is there, and the long ones save
+their state every few minutes, so a stopped run goes on where it stopped. Progress goes to the console
+and OUTPUT/run.log. A lever (one setting changed, see `--set`) runs in its own folder that shares the
+data and the teacher of a first run (`--share-from`); `--lever-table` compares such runs.
 
-    python benchmarks/sparse_signs.py --output runs/sparse_signs --ship    # the full run, about 1 hour on 2 cores
-    python benchmarks/sparse_signs.py --output /tmp/ss_tiny --tiny        # every stage on a tiny model, ~15 s
+    python benchmarks/sparse_signs.py --output runs/sparse_signs_512 --ship        # about 4 h on 2 cores
+    python benchmarks/sparse_signs.py --config 256 --output runs/sparse_signs --ship    # about 1 h
+    python benchmarks/sparse_signs.py --output runs/ss512_map03 --share-from runs/sparse_signs_512 \\
+        --stages distill --set map_weight=0.3                                      # one lever
+    python benchmarks/sparse_signs.py --lever-table runs/sparse_signs_512 runs/ss512_*
+    python benchmarks/sparse_signs.py --output /tmp/ss_tiny --tiny                 # every stage, a tiny model
 """
 import argparse
+import ast
 import dataclasses
 import json
 import logging
@@ -38,7 +56,7 @@ import shutil
 import subprocess
 import sys
 import time
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -46,41 +64,43 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Dataset
-from torch.utils.flop_counter import FlopCounterMode
 
 import timm
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import resample_abs_pos_embed
 from timm.loss import LabelSmoothingCrossEntropy
+from timm.models import get_pretrained_cfg
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 
 import timm_lookwhere  # noqa: F401  (registers the models)
 from timm_lookwhere import SelectionRecorder
-from timm_lookwhere.data import CLASS_NAMES, SparseSigns, write_image_folder
-from timm_lookwhere.demo import (
-    SIGNS_MODEL, SIGNS_TEACHER_FILE, SIGNS_WEIGHTS_FILE, TEACHER_BASE, dense_counterpart_kwargs, median_latency_ms,
-    patches_under_box,
-)
+from timm_lookwhere.cost import count_flops, median_latency_ms
+from timm_lookwhere.data import AREA_RANGE, CLASS_NAMES, WIDE_AREA_RANGE, SparseSigns, sign_patches_seen, \
+    write_image_folder
+from timm_lookwhere.lookwhere import SHIPPED_TEACHER_FILES, TEACHER_BASE, create_teacher, dense_counterpart_kwargs
 
 _logger = logging.getLogger('sparse_signs')
 
+TAG = 'sparse_signs'
 K_RATIOS = (0.02, 0.05, 0.10)
 STAGES = ('data', 'teacher', 'distill', 'finetune', 'lowres', 'export', 'evaluate')
+SHARED_STAGES = ('data', 'teacher')  # what --share-from links
 MEAN = torch.tensor(IMAGENET_DEFAULT_MEAN).view(1, 3, 1, 1)
 STD = torch.tensor(IMAGENET_DEFAULT_STD).view(1, 3, 1, 1)
+SAVE_EVERY_S = 300  # a long stage saves its state this often
 
 
 @dataclasses.dataclass
 class RunConfig:
-    """Sizes of every stage. FULL is the run of the results table, TINY a smoke test of the code."""
-    model_kwargs: Dict[str, Any]  # overrides of the lookwhere_vitt16_256 architecture
+    """Sizes and settings of every stage; `--set key=value` changes one for a lever."""
+    model: str  # the registered LookWhere architecture trained, and shipped with the `sparse_signs` tag
+    img_size: int  # scene side in px
+    area_range: Tuple[float, float]  # share of the scene the sign covers
+    model_kwargs: Dict[str, Any]  # overrides of the registered architecture (tiny runs, levers)
     train_scenes: int  # cached training scenes for the teacher, fine-tuning and the low-res ViT
     distill_images: int  # ImageFolder size for distillation
-    window_steps: int  # teacher phase 1: windows around the sign
-    window_batch: int
-    teacher_steps: int  # teacher phase 2: whole scenes
-    teacher_batch: int
+    teacher_phases: Tuple[Tuple[int, int, int], ...]  # (window side in patches, steps, batch); lr halves per phase
     teacher_lr: float
     patch_loss_weight: float  # the teacher's patch-level loss, relative to its image-level one
     distill_steps: int
@@ -95,23 +115,53 @@ class RunConfig:
     val_images: int
     test_images: int
     latency_runs: int
-    window: int = 4  # side of the teacher's phase-1 windows, in patches (a sign spans at most 3)
+    teacher_init: str = ''  # a shipped sign model whose teacher starts this one ('' = from scratch)
+    attn_queries: str = 'cls'  # the teacher attention the map learns: a supervised teacher's cls looks at the sign
+    finetune_k_range: Tuple[float, float] = (K_RATIOS[0], K_RATIOS[-1])  # k per fine-tuning step, share of patches
+    test_seed: int = 0  # seed of the test scenes (their split is never trained on either way)
+
+    @property
+    def tag(self) -> str:
+        return f'{self.model}.{TAG}'
 
 
-FULL = RunConfig(
-    model_kwargs={}, train_scenes=20000, distill_images=4000,
-    window_steps=3000, window_batch=128, teacher_steps=1000, teacher_batch=32, teacher_lr=1e-3, patch_loss_weight=1.0,
-    distill_steps=1600, distill_batch=32, distill_lr=3e-4, map_weight=1.0,
-    finetune_steps=3000, finetune_batch=32, finetune_lr=3e-4, lowres_steps=3000, lowres_lr=3e-4,
-    val_images=500, test_images=2000, latency_runs=60,
-)
-TINY = RunConfig(
-    model_kwargs=dict(embed_dim=32, depth=2, num_heads=2), train_scenes=24, distill_images=28,
-    window_steps=3, window_batch=8, teacher_steps=3, teacher_batch=4, teacher_lr=1e-3, patch_loss_weight=1.0,
-    distill_steps=3, distill_batch=4, distill_lr=3e-4, map_weight=0.5,
-    finetune_steps=3, finetune_batch=4, finetune_lr=3e-4, lowres_steps=3, lowres_lr=3e-4,
-    val_images=8, test_images=16, latency_runs=3,
-)
+TINY_MODEL = dict(embed_dim=32, depth=2, num_heads=2)
+CONFIGS: Dict[str, Dict[str, RunConfig]] = {
+    '256': dict(
+        full=RunConfig(
+            model='lookwhere_vitt16_256', img_size=256, area_range=AREA_RANGE, model_kwargs={},
+            train_scenes=20000, distill_images=4000, teacher_phases=((4, 3000, 128), (16, 1000, 32)),
+            teacher_lr=1e-3, patch_loss_weight=1.0, distill_steps=1600, distill_batch=32, distill_lr=3e-4,
+            map_weight=1.0, finetune_steps=3000, finetune_batch=32, finetune_lr=3e-4, lowres_steps=3000,
+            lowres_lr=3e-4, val_images=500, test_images=2000, latency_runs=60,
+        ),
+        tiny=RunConfig(
+            model='lookwhere_vitt16_256', img_size=256, area_range=AREA_RANGE, model_kwargs=TINY_MODEL,
+            train_scenes=24, distill_images=28, teacher_phases=((4, 3, 8), (16, 3, 4)), teacher_lr=1e-3,
+            patch_loss_weight=1.0, distill_steps=3, distill_batch=4, distill_lr=3e-4, map_weight=0.5,
+            finetune_steps=3, finetune_batch=4, finetune_lr=3e-4, lowres_steps=3, lowres_lr=3e-4,
+            val_images=8, test_images=16, latency_runs=3,
+        ),
+    ),
+    '512': dict(
+        full=RunConfig(
+            model='lookwhere_vitt16_512', img_size=512, area_range=WIDE_AREA_RANGE, model_kwargs={},
+            train_scenes=20000, distill_images=6000,
+            teacher_phases=((4, 1500, 128), (16, 1000, 32), (32, 150, 16)), teacher_lr=1e-3,
+            teacher_init='lookwhere_vitt16_256.sparse_signs', patch_loss_weight=1.0,
+            distill_steps=3000, distill_batch=32, distill_lr=3e-4, map_weight=1.0,
+            finetune_steps=3000, finetune_batch=32, finetune_lr=3e-4, lowres_steps=2000, lowres_lr=3e-4,
+            val_images=500, test_images=2000, latency_runs=30, test_seed=2026,
+        ),
+        tiny=RunConfig(
+            model='lookwhere_vitt16_512', img_size=512, area_range=WIDE_AREA_RANGE, model_kwargs=TINY_MODEL,
+            train_scenes=24, distill_images=28, teacher_phases=((4, 3, 8), (16, 2, 4), (32, 2, 2)),
+            teacher_lr=1e-3, patch_loss_weight=1.0, distill_steps=3, distill_batch=4, distill_lr=3e-4,
+            map_weight=0.5, finetune_steps=3, finetune_batch=4, finetune_lr=3e-4, lowres_steps=3, lowres_lr=3e-4,
+            val_images=8, test_images=16, latency_runs=3, test_seed=2026,
+        ),
+    ),
+}
 
 
 # --------------------------------------------------------------------------------------------
@@ -121,8 +171,8 @@ TINY = RunConfig(
 class Progress:
     """Logs a stage's step, loss, speed and time left at most every `every` seconds (and at the end)."""
 
-    def __init__(self, stage: str, total: int, every: float = 30.):
-        self.stage, self.total, self.every = stage, total, every
+    def __init__(self, stage: str, total: int, first: int = 1, every: float = 30.):
+        self.stage, self.total, self.first, self.every = stage, total, first, every
         self.start = self.last = time.perf_counter()
 
     def update(self, step: int, **values: float) -> None:
@@ -131,7 +181,7 @@ class Progress:
             return
         self.last = now
         elapsed = now - self.start
-        eta = elapsed / step * (self.total - step)
+        eta = elapsed / max(1, step - self.first + 1) * (self.total - step)
         shown = ' '.join(f'{k} {v:.4g}' for k, v in values.items())
         _logger.info(f'{self.stage}: step {step}/{self.total} {shown} | {elapsed / 60:.1f} min, '
                      f'{eta / 60:.1f} min left')
@@ -147,7 +197,7 @@ def to_uint8_tensor(image) -> torch.Tensor:
 
 
 class _SceneTensors(Dataset):
-    """Scenes as uint8 tensors with their label and sign box, for caching an evaluation split."""
+    """Scenes as uint8 tensors with their label and sign box, for caching a split."""
 
     def __init__(self, signs: SparseSigns):
         self.signs = signs
@@ -160,18 +210,37 @@ class _SceneTensors(Dataset):
         return to_uint8_tensor(scene.image), scene.label, torch.tensor(scene.box)
 
 
-def load_split(out: str, split: str, num: int, img_size: int, workers: int) -> Dict[str, torch.Tensor]:
-    """A val/test split as uint8 images (N, 3, H, W), labels (N,), boxes (N, 4); cached in OUTPUT/cache."""
-    path = os.path.join(out, 'cache', f'{split}_{num}_{img_size}.pt')
-    if os.path.exists(path):
-        return torch.load(path)
-    _logger.info(f'generating {num} {split} scenes')
-    loader = DataLoader(_SceneTensors(SparseSigns(split, num, img_size)), batch_size=64, num_workers=workers)
-    images, labels, boxes = zip(*loader)
-    data = dict(images=torch.cat(images), labels=torch.cat(labels), boxes=torch.cat(boxes))
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    torch.save(data, path)
-    return data
+def load_split(out: str, cfg: RunConfig, split: str, num: int, workers: int, seed: int = 0) -> Dict[str, torch.Tensor]:
+    """A split as uint8 images (N, 3, H, W), labels (N,), boxes (N, 4), cached in OUTPUT/cache.
+
+    The images are a memory-mapped file (20 000 scenes of 512 px are 16 GB): batches read only
+    what they draw, and the page cache keeps what fits.
+    """
+    name = f'{split}_s{seed}_{num}_{cfg.img_size}px_area{cfg.area_range[0]:g}-{cfg.area_range[1]:g}'
+    folder = os.path.join(out, 'cache')
+    images_path, meta_path = os.path.join(folder, name + '.u8'), os.path.join(folder, name + '.pt')
+    shape = (num, 3, cfg.img_size, cfg.img_size)
+    if not os.path.exists(meta_path):
+        _logger.info(f'generating {num} {split} scenes of {cfg.img_size} px')
+        os.makedirs(folder, exist_ok=True)
+        signs = SparseSigns(split, num, cfg.img_size, seed=seed, area_range=cfg.area_range)
+        loader = DataLoader(_SceneTensors(signs), batch_size=64, num_workers=workers)
+        images = np.memmap(images_path + '.tmp', dtype=np.uint8, mode='w+', shape=shape)
+        labels, boxes, start = [], [], 0
+        progress = Progress(f'data ({split})', math.ceil(num / 64))
+        for step, (batch, label, box) in enumerate(loader, start=1):
+            images[start:start + len(batch)] = batch.numpy()
+            start += len(batch)
+            labels.append(label)
+            boxes.append(box)
+            progress.update(step)
+        images.flush()
+        del images
+        os.replace(images_path + '.tmp', images_path)
+        torch.save(dict(labels=torch.cat(labels), boxes=torch.cat(boxes)), meta_path)  # written last: the split is whole
+    meta = torch.load(meta_path)
+    images = torch.from_numpy(np.memmap(images_path, dtype=np.uint8, mode='r', shape=shape))
+    return dict(images=images, **meta)
 
 
 @torch.no_grad()
@@ -185,11 +254,8 @@ def accuracy(model: nn.Module, data: Dict[str, torch.Tensor]) -> float:
 
 
 def gflops(model: nn.Module, img_size: int) -> float:
-    """Forward FLOPs of one image (torch's counter: 2 per multiply-add; matmuls, convolutions, attention)."""
-    counter = FlopCounterMode(display=False)
-    with torch.no_grad(), counter:
-        model.eval()(torch.randn(1, 3, img_size, img_size))
-    return counter.get_total_flops() / 1e9
+    """Forward GFLOPs of one image, attention included."""
+    return count_flops(model.eval(), torch.randn(1, 3, img_size, img_size)) / 1e9
 
 
 def run_logged(cmd: List[str], log_path: str) -> None:
@@ -205,24 +271,43 @@ def run_logged(cmd: List[str], log_path: str) -> None:
         raise RuntimeError(f'command failed with exit code {proc.returncode}: {" ".join(cmd)}')
 
 
+def write_json(path: str, value: Any) -> None:
+    with open(path, 'w') as f:
+        json.dump(value, f, indent=2)
+
+
 # --------------------------------------------------------------------------------------------
 # models
 
 
 def create_lookwhere(cfg: RunConfig, **kwargs) -> nn.Module:
-    return timm.create_model(SIGNS_MODEL, **dict(cfg.model_kwargs, **kwargs))
+    return timm.create_model(cfg.model, **dict(cfg.model_kwargs, **kwargs))
 
 
-def create_teacher(cfg: RunConfig, img_size: int = 256, file: Optional[str] = None) -> nn.Module:
+def build_teacher(cfg: RunConfig, img_size: Optional[int] = None, file: Optional[str] = None) -> nn.Module:
     """The full-res ViT: the architecture of the LookWhere extractor, every patch, its own cls token."""
     kwargs = dense_counterpart_kwargs(create_lookwhere(cfg, num_classes=len(CLASS_NAMES)))
-    kwargs['img_size'] = img_size
+    kwargs['img_size'] = img_size or cfg.img_size
     if file is None:
         # layer scale starting at 1: a plain ViT at init, which trains from scratch faster than DINOv2's 1e-5
         return timm.create_model(TEACHER_BASE, **dict(kwargs, init_values=1.0))
     # timm resizes the position embedding to img_size; num_classes in the overlay keeps the head
     overlay = dict(file=file, num_classes=len(CLASS_NAMES))
     return timm.create_model(TEACHER_BASE, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
+
+
+def initial_teacher(cfg: RunConfig) -> nn.Module:
+    """A new teacher, or `cfg.teacher_init`'s shipped teacher, its position embeddings resized to this grid."""
+    if not cfg.teacher_init:
+        return build_teacher(cfg)
+    source = create_teacher(cfg.teacher_init)
+    teacher = build_teacher(cfg)
+    state = source.state_dict()
+    state['pos_embed'] = resample_abs_pos_embed(
+        state['pos_embed'], new_size=teacher.patch_embed.grid_size, num_prefix_tokens=0, antialias=False)
+    teacher.load_state_dict(state)
+    _logger.info(f'teacher starts from the shipped teacher of {cfg.teacher_init}')
+    return teacher
 
 
 class LowResViT(nn.Module):
@@ -294,54 +379,77 @@ def sign_windows(boxes: torch.Tensor, window: int, patch: int, grid: int, genera
     return start[:, 1], start[:, 0]
 
 
-def crop_windows(images: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, window: int, patch: int) -> torch.Tensor:
+def crop_windows(images: torch.Tensor, index: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, window: int,
+                 patch: int) -> torch.Tensor:
+    """The windows of images[index], read one by one: from the memory-mapped cache, only their pixels."""
     side = window * patch
-    return torch.stack([img[:, r * patch:r * patch + side, c * patch:c * patch + side]
-                        for img, r, c in zip(images, rows.tolist(), cols.tolist())])
+    return torch.stack([images[i, :, r * patch:r * patch + side, c * patch:c * patch + side]
+                        for i, r, c in zip(index.tolist(), rows.tolist(), cols.tolist())])
 
 
-def cached_batches(data: Dict[str, torch.Tensor], batch_size: int, seed: int, crop: Optional[Callable] = None):
-    """Endless batches (normalised images, labels, boxes) drawn at random from a cached split;
-    `crop(images, boxes)` cuts the uint8 images first (normalising only what is kept)."""
-    generator = torch.Generator().manual_seed(seed)
+def cached_batches(data: Dict[str, torch.Tensor], batch_size: int, generator: torch.Generator,
+                   crop: Optional[Callable] = None) -> Iterator[tuple]:
+    """Endless batches (normalised images, labels, boxes) drawn at random from a cached split with
+    `generator`; `crop(images, index, boxes)` cuts the drawn uint8 images itself (a window needs a
+    fraction of a scene's pixels) and returns them with extra items for the batch."""
     while True:
-        index = torch.randint(len(data['labels']), (batch_size,), generator=generator)
-        images, labels, boxes = data['images'][index], data['labels'][index], data['boxes'][index]
+        index = torch.randint(len(data['labels']), (batch_size,), generator=generator).sort().values  # sorted: mmap reads
+        labels, boxes = data['labels'][index], data['boxes'][index]
         if crop is None:
-            yield normalize(images), labels, boxes
+            yield normalize(data['images'][index]), labels, boxes
         else:
-            images, *where = crop(images, boxes)
+            images, *where = crop(data['images'], index, boxes)
             yield normalize(images), labels, boxes, *where
 
 
 def fit(
         stage: str,
         model: nn.Module,
-        batches,
+        batches: Iterator[tuple],
         steps: int,
         lr: float,
         forward: Callable,
+        state_path: str,
+        generators: Sequence[torch.Generator] = (),
         before_step: Optional[Callable[[int], None]] = None,
         weight_decay: float = 0.05,
 ) -> None:
     """Supervised training: AdamW, warm-up then cosine (timm's optimizer and scheduler), label smoothing 0.1.
 
     `batches` yields tuples whose first two items are inputs and labels; `forward(model, batch)` gives
-    logits and a loss added to the label loss (0. for none).
+    logits and a loss added to the label loss (0. for none). Every SAVE_EVERY_S seconds and at the end
+    the weights, the optimiser and the random `generators` that draw the batches go to `state_path`,
+    from which a stopped run continues onto the same batches; a finished one is only reloaded.
     """
     optimizer = create_optimizer_v2(model, 'adamw', lr=lr, weight_decay=weight_decay)
     warmup = max(1, steps // 10)
     scheduler, _ = create_scheduler_v2(
         optimizer, 'cosine', num_epochs=steps - warmup, warmup_epochs=warmup, warmup_prefix=True,
         warmup_lr=lr / 100, min_lr=lr / 100, step_on_epochs=False, updates_per_epoch=1)
+    done = 0
+    if os.path.exists(state_path):
+        state = torch.load(state_path, weights_only=True)
+        model.load_state_dict(state['model'])
+        optimizer.load_state_dict(state['optimizer'])
+        for generator, rng in zip(generators, state['generators']):
+            generator.set_state(rng)
+        done = state['step']
+        _logger.info(f'{stage}: continuing after step {done} of {steps} ({state_path})')
+
+    def save(step: int) -> None:
+        state = dict(model=model.state_dict(), optimizer=optimizer.state_dict(), step=step,
+                     generators=[g.get_state() for g in generators])
+        torch.save(state, state_path + '.tmp')
+        os.replace(state_path + '.tmp', state_path)
+
     criterion = LabelSmoothingCrossEntropy(0.1)
     params = [p for p in model.parameters() if p.requires_grad]
-    progress = Progress(stage, steps)
+    progress = Progress(stage, steps, first=done + 1)
     loss_avg = acc_avg = None
+    last_save = time.perf_counter()
     model.train()
-    for step, batch in enumerate(batches, start=1):
-        if step > steps:
-            break
+    for step in range(done + 1, steps + 1):
+        batch = next(batches)
         scheduler.step_update(step - 1)
         if before_step is not None:
             before_step(step)
@@ -355,6 +463,9 @@ def fit(
         loss_avg = loss.item() if loss_avg is None else 0.95 * loss_avg + 0.05 * loss.item()
         acc_avg = acc if acc_avg is None else 0.95 * acc_avg + 0.05 * acc
         progress.update(step, loss=loss_avg, train_acc=acc_avg, lr=optimizer.param_groups[0]['lr'])
+        if step == steps or time.perf_counter() - last_save > SAVE_EVERY_S:
+            save(step)
+            last_save = time.perf_counter()
     model.eval()
 
 
@@ -363,40 +474,49 @@ def fit(
 
 
 def stage_data(args, cfg: RunConfig) -> None:
-    load_split(args.output, 'train', cfg.train_scenes, 256, args.workers)
-    write_image_folder(os.path.join(args.output, 'data'), 'train', cfg.distill_images, seed=100)
+    load_split(args.output, cfg, 'train', cfg.train_scenes, args.workers)
+    load_split(args.output, cfg, 'val', cfg.val_images, args.workers)
+    write_image_folder(os.path.join(args.output, 'data'), 'train', cfg.distill_images, img_size=cfg.img_size,
+                       seed=100, area_range=cfg.area_range)
 
 
 def stage_teacher(args, cfg: RunConfig) -> None:
     torch.manual_seed(0)
-    train = load_split(args.output, 'train', cfg.train_scenes, 256, args.workers)
-    model = PatchSupervisedViT(create_teacher(cfg), len(CLASS_NAMES))
+    folder = os.path.join(args.output, 'teacher')
+    os.makedirs(folder, exist_ok=True)
+    train = load_split(args.output, cfg, 'train', cfg.train_scenes, args.workers)
+    model = PatchSupervisedViT(initial_teacher(cfg), len(CLASS_NAMES))
     patch, grid = model.vit.patch_embed.patch_size[0], model.vit.patch_embed.grid_size[0]
     weights = torch.ones(len(CLASS_NAMES) + 1)
     weights[-1] = 0.2  # background patches outnumber sign patches ~50 to 1
-    generator = torch.Generator().manual_seed(0)
 
-    def windows(images, boxes):
-        rows, cols = sign_windows(boxes, cfg.window, patch, grid, generator)
-        return crop_windows(images, rows, cols, cfg.window, patch), rows, cols
+    for phase, (window, steps, batch_size) in enumerate(cfg.teacher_phases):
+        window = min(window, grid)
+        batch_generator, window_generator = torch.Generator().manual_seed(phase), torch.Generator().manual_seed(phase)
 
-    def forward(model, batch, window):
-        images, labels, boxes, rows, cols = batch
-        logits, patch_logits = model(images, rows, cols) if window < grid else model(images)
-        targets = patch_targets(boxes, labels, rows, cols, window, patch, background=len(CLASS_NAMES))
-        patch_loss = F.cross_entropy(patch_logits.flatten(0, 1), targets.flatten(), weight=weights)
-        return logits, cfg.patch_loss_weight * patch_loss
+        def windows(images, index, boxes, window=window, generator=window_generator):
+            if window == grid:  # the whole scene
+                zeros = torch.zeros(len(index), dtype=torch.long)
+                return images[index], zeros, zeros
+            rows, cols = sign_windows(boxes, window, patch, grid, generator)
+            return crop_windows(images, index, rows, cols, window, patch), rows, cols
 
-    whole = torch.zeros(cfg.teacher_batch, dtype=torch.long)
-    fit('teacher (windows)', model, cached_batches(train, cfg.window_batch, seed=0, crop=windows), cfg.window_steps,
-        cfg.teacher_lr, lambda m, b: forward(m, b, cfg.window))
-    fit('teacher (scenes)', model, ((*b, whole, whole) for b in cached_batches(train, cfg.teacher_batch, seed=1)),
-        cfg.teacher_steps, cfg.teacher_lr / 2, lambda m, b: forward(m, b, grid))
+        def forward(model, batch, window=window):
+            images, labels, boxes, rows, cols = batch
+            logits, patch_logits = model(images, rows, cols) if window < grid else model(images)
+            targets = patch_targets(boxes, labels, rows, cols, window, patch, background=len(CLASS_NAMES))
+            patch_loss = F.cross_entropy(patch_logits.flatten(0, 1), targets.flatten(), weight=weights)
+            return logits, cfg.patch_loss_weight * patch_loss
+
+        what = 'scenes' if window == grid else f'{window}x{window}-patch windows'
+        fit(f'teacher ({what})', model, cached_batches(train, batch_size, batch_generator, crop=windows), steps,
+            cfg.teacher_lr / 2 ** phase, forward, os.path.join(folder, f'phase{phase}.state.pth'),
+            generators=(batch_generator, window_generator))
     teacher = model.vit
-    val = load_split(args.output, 'val', cfg.val_images, 256, args.workers)
-    _logger.info(f'teacher: val accuracy {accuracy(teacher, val):.4f}')
-    folder = os.path.join(args.output, 'teacher')
-    os.makedirs(folder, exist_ok=True)
+    val = load_split(args.output, cfg, 'val', cfg.val_images, args.workers)
+    val_acc = accuracy(teacher, val)
+    _logger.info(f'teacher: val accuracy {val_acc:.4f}')
+    write_json(os.path.join(folder, 'val.json'), dict(val_accuracy=val_acc))
     state = teacher.state_dict()
     # distillation builds the teacher without a classifier: give it the backbone alone
     torch.save({k: v for k, v in state.items() if not k.startswith('head.')}, os.path.join(folder, 'backbone.pth'))
@@ -407,15 +527,15 @@ def stage_distill(args, cfg: RunConfig) -> None:
     folder = os.path.join(args.output, 'distill')
     last = os.path.join(folder, 'last.pth')
     teacher_kwargs = dense_counterpart_kwargs(create_lookwhere(cfg, num_classes=0))
-    teacher_kwargs.pop('img_size')
-    teacher_kwargs.pop('num_classes')
+    teacher_kwargs.pop('img_size')  # the student's, which distill gives the teacher
     cmd = [
         sys.executable, '-m', 'timm_lookwhere.distill',
         '--teacher', TEACHER_BASE, '--teacher-checkpoint', os.path.join(args.output, 'teacher', 'backbone.pth'),
         '--teacher-kwargs', *[f'{k}={v}' for k, v in teacher_kwargs.items()],
-        '--attn-queries', 'cls',  # a supervised teacher's cls token is the one that looks at the sign
-        '--model', SIGNS_MODEL, '--model-kwargs', *[f'{k}={v}' for k, v in cfg.model_kwargs.items()],
+        '--attn-queries', cfg.attn_queries,
+        '--model', cfg.model, '--model-kwargs', *[f'{k}={v}' for k, v in cfg.model_kwargs.items()],
         '--data-dir', os.path.join(args.output, 'data'), '--no-aug', '--workers', str(min(args.workers, 1)),
+        '--teacher-cache', os.path.join(args.output, 'teacher', f'targets_{cfg.attn_queries}'),
         '--batch-size', str(cfg.distill_batch), '--steps', str(cfg.distill_steps), '--lr', str(cfg.distill_lr),
         '--warmup-steps', str(max(1, cfg.distill_steps // 10)), '--min-lr', str(cfg.distill_lr / 100),
         '--map-weight', str(cfg.map_weight), '--clip-grad', '1.0',
@@ -425,6 +545,25 @@ def stage_distill(args, cfg: RunConfig) -> None:
     if os.path.exists(last):
         cmd.append('--resume')
     run_logged(cmd, os.path.join(args.output, 'run.log'))
+    model = create_lookwhere(cfg, pretrained=True, num_classes=0, pretrained_cfg_overlay=dict(file=last)).eval()
+    val = load_split(args.output, cfg, 'val', cfg.val_images, args.workers)
+    seen = selector_sign_patches_seen(model, val)
+    _logger.info('distilled selector, sign patches chosen on val: '
+                 + ', '.join(f'{k} {100 * v:.1f}%' for k, v in seen.items()))
+    write_json(os.path.join(folder, 'val.json'), dict(sign_patches_seen=seen))
+
+
+def selector_sign_patches_seen(model: nn.Module, data: Dict[str, torch.Tensor]) -> Dict[str, float]:
+    """Share of the sign's patches the selector chooses at each k of K_RATIOS (its own map, no extractor)."""
+    grid, patch = model.grid_size, model.patch_embed.patch_size[0]
+    out = {}
+    with torch.no_grad():
+        for ratio in K_RATIOS:
+            model.set_k(k_ratio=ratio)
+            chosen = torch.cat([model.forward_selection(normalize(data['images'][i:i + 64]))['indices']
+                                for i in range(0, len(data['labels']), 64)])
+            out[f'k={ratio:.0%}'] = sign_patches_seen(chosen, data['boxes'], grid, patch).mean().item()
+    return out
 
 
 def _distilled(cfg: RunConfig, out: str) -> nn.Module:
@@ -434,32 +573,39 @@ def _distilled(cfg: RunConfig, out: str) -> nn.Module:
 
 def stage_finetune(args, cfg: RunConfig) -> None:
     torch.manual_seed(0)
+    folder = os.path.join(args.output, 'finetune')
+    os.makedirs(folder, exist_ok=True)
     model = _distilled(cfg, args.output)
-    teacher = create_teacher(cfg, file=os.path.join(args.output, 'teacher', 'model.pth'))
+    teacher = build_teacher(cfg, file=os.path.join(args.output, 'teacher', 'model.pth'))
     model.head.load_state_dict(teacher.head.state_dict())  # the distilled cls token speaks the teacher's language
-    k_lo, k_hi = (max(1, int(r * model.num_patches)) for r in (K_RATIOS[0], K_RATIOS[-1]))
-    k_generator = torch.Generator().manual_seed(0)
+    k_lo, k_hi = (max(1, int(r * model.num_patches)) for r in cfg.finetune_k_range)
+    k_generator, batch_generator = torch.Generator().manual_seed(0), torch.Generator().manual_seed(2)
 
     def draw_k(step: int) -> None:  # one model for every k of the table
         model.set_k(k=int(torch.randint(k_lo, k_hi + 1, (1,), generator=k_generator)))
 
-    train = load_split(args.output, 'train', cfg.train_scenes, 256, args.workers)
-    fit('finetune', model, cached_batches(train, cfg.finetune_batch, seed=2), cfg.finetune_steps, cfg.finetune_lr,
-        lambda m, b: (m(b[0]), 0.), before_step=draw_k)
+    train = load_split(args.output, cfg, 'train', cfg.train_scenes, args.workers)
+    fit('finetune', model, cached_batches(train, cfg.finetune_batch, batch_generator), cfg.finetune_steps,
+        cfg.finetune_lr, lambda m, b: (m(b[0]), 0.), os.path.join(folder, 'state.pth'),
+        generators=(batch_generator, k_generator), before_step=draw_k)
+    val = load_split(args.output, cfg, 'val', cfg.val_images, args.workers)
+    val_acc = {}
+    for ratio in K_RATIOS:
+        model.set_k(k_ratio=ratio)
+        val_acc[f'k={ratio:.0%}'] = accuracy(model, val)
+    _logger.info('finetuned LookWhere, val accuracy: ' + ', '.join(f'{k} {100 * v:.1f}%' for k, v in val_acc.items()))
+    write_json(os.path.join(folder, 'val.json'), dict(val_accuracy=val_acc))
     model.set_k(k_ratio=0.1)
-    val = load_split(args.output, 'val', cfg.val_images, 256, args.workers)
-    _logger.info(f'finetuned LookWhere: val accuracy at k=10% {accuracy(model, val):.4f}')
-    os.makedirs(os.path.join(args.output, 'finetune'), exist_ok=True)
-    torch.save(model.state_dict(), os.path.join(args.output, 'finetune', 'model.pth'))
+    torch.save(model.state_dict(), os.path.join(folder, 'model.pth'))
 
 
-def lowres_size(cfg: RunConfig, out: str) -> int:
+def lowres_size(cfg: RunConfig) -> int:
     """The low-res side (a multiple of the patch) whose ViT costs about what LookWhere costs at k = 5%."""
     model = create_lookwhere(cfg, num_classes=len(CLASS_NAMES), k_ratio=0.05)
-    target = gflops(model, 256)
+    target = gflops(model, cfg.img_size)
     patch = model.patch_embed.patch_size[0]
-    sizes = list(range(2 * patch, 256 + 1, patch))
-    costs = [gflops(LowResViT(create_teacher(cfg, img_size=s), s), 256) for s in sizes]
+    sizes = list(range(2 * patch, cfg.img_size + 1, patch))
+    costs = [gflops(LowResViT(build_teacher(cfg, img_size=s), s), cfg.img_size) for s in sizes]
     best = min(range(len(sizes)), key=lambda i: abs(math.log(costs[i] / target)))
     _logger.info(f'low-res ViT: {sizes[best]} px costs {costs[best]:.4f} GFLOPs, LookWhere at 5% {target:.4f}')
     return sizes[best]
@@ -467,34 +613,41 @@ def lowres_size(cfg: RunConfig, out: str) -> int:
 
 def stage_lowres(args, cfg: RunConfig) -> None:
     torch.manual_seed(0)
-    size = lowres_size(cfg, args.output)
-    model = LowResViT(create_teacher(cfg, img_size=size, file=os.path.join(args.output, 'teacher', 'model.pth')), size)
-    train = load_split(args.output, 'train', cfg.train_scenes, 256, args.workers)
-    fit('lowres', model, cached_batches(train, cfg.finetune_batch, seed=3), cfg.lowres_steps, cfg.lowres_lr,
-        lambda m, b: (m(b[0]), 0.))
-    os.makedirs(os.path.join(args.output, 'lowres'), exist_ok=True)
-    torch.save(dict(img_size=size, state_dict=model.vit.state_dict()), os.path.join(args.output, 'lowres', 'model.pth'))
+    folder = os.path.join(args.output, 'lowres')
+    os.makedirs(folder, exist_ok=True)
+    size = lowres_size(cfg)
+    model = LowResViT(build_teacher(cfg, img_size=size, file=os.path.join(args.output, 'teacher', 'model.pth')), size)
+    train = load_split(args.output, cfg, 'train', cfg.train_scenes, args.workers)
+    batch_generator = torch.Generator().manual_seed(3)
+    fit('lowres', model, cached_batches(train, cfg.finetune_batch, batch_generator), cfg.lowres_steps, cfg.lowres_lr,
+        lambda m, b: (m(b[0]), 0.), os.path.join(folder, 'state.pth'), generators=(batch_generator,))
+    torch.save(dict(img_size=size, state_dict=model.vit.state_dict()), os.path.join(folder, 'model.pth'))
+
+
+def shipped_files(cfg: RunConfig) -> Dict[str, str]:
+    """Where `--ship` puts each stage's export: the registered tag's weights and its teacher's."""
+    return dict(finetune=get_pretrained_cfg(cfg.tag).file, teacher=SHIPPED_TEACHER_FILES[cfg.tag])
+
+
+def export_path(out: str, cfg: RunConfig, stage: str) -> str:
+    return os.path.join(out, 'export', os.path.basename(shipped_files(cfg)[stage]))
 
 
 def stage_export(args, cfg: RunConfig) -> None:
-    folder = os.path.join(args.output, 'export')
-    os.makedirs(folder, exist_ok=True)
-    sources = (
-        ('finetune', os.path.basename(SIGNS_WEIGHTS_FILE)),
-        ('teacher', os.path.basename(SIGNS_TEACHER_FILE)),
-    )
-    for stage, name in sources:
+    os.makedirs(os.path.join(args.output, 'export'), exist_ok=True)
+    for stage in ('finetune', 'teacher'):
         state = torch.load(os.path.join(args.output, stage, 'model.pth'), map_location='cpu', weights_only=True)
         # fp16 halves the files; the evaluation below runs on these rounded weights
         state = {k: v.half().contiguous() if v.is_floating_point() else v.contiguous() for k, v in state.items()}
-        save_file(state, os.path.join(folder, name), metadata=dict(source='benchmarks/sparse_signs.py', stage=stage))
-        _logger.info(f'exported {name}: {os.path.getsize(os.path.join(folder, name)) / 1e6:.2f} MB')
+        path = export_path(args.output, cfg, stage)
+        save_file(state, path, metadata=dict(source='benchmarks/sparse_signs.py', stage=stage, config=cfg.tag))
+        _logger.info(f'exported {os.path.basename(path)}: {os.path.getsize(path) / 1e6:.2f} MB')
 
 
-def ship(args) -> None:
-    for target in (SIGNS_WEIGHTS_FILE, SIGNS_TEACHER_FILE):
+def ship(args, cfg: RunConfig) -> None:
+    for stage, target in shipped_files(cfg).items():
         os.makedirs(os.path.dirname(target), exist_ok=True)
-        shutil.copyfile(os.path.join(args.output, 'export', os.path.basename(target)), target)
+        shutil.copyfile(export_path(args.output, cfg, stage), target)
         _logger.info(f'shipped {target}')
 
 
@@ -503,25 +656,16 @@ def ship(args) -> None:
 
 
 def random_selection(model: nn.Module, seed: int = 0):
-    """A forward hook on `model.topk` that replaces the selector's choice by k random patches."""
+    """A forward hook on `model.topk` that replaces the selector's choice by as many random patches."""
     generator = torch.Generator().manual_seed(seed)
 
     def hook(topk, args, indices):
         scores = torch.rand(args[0].shape, generator=generator)  # (B, N)
-        return scores.topk(topk.k, dim=1).indices
+        return scores.topk(indices.shape[1], dim=1).indices
     return model.topk.register_forward_hook(hook)
 
 
-def sign_patches_seen(indices: torch.Tensor, boxes: torch.Tensor, grid: int, patch: int) -> torch.Tensor:
-    """Fraction of the patches under each sign's box that were chosen: (B,) in [0, 1]."""
-    seen = []
-    for chosen, box in zip(indices.tolist(), boxes.tolist()):
-        under = patches_under_box(box, (grid, grid), patch)
-        seen.append(len(under & set(chosen)) / len(under))
-    return torch.tensor(seen)
-
-
-def latencies(models: Dict[str, nn.Module], runs: int, batch_size: int, img_size: int = 256) -> Dict[str, float]:
+def latencies(models: Dict[str, nn.Module], runs: int, batch_size: int, img_size: int) -> Dict[str, float]:
     """Median ms per forward of each model on the same random batch, the models taking turns."""
     for model in models.values():
         model.eval()
@@ -529,28 +673,25 @@ def latencies(models: Dict[str, nn.Module], runs: int, batch_size: int, img_size
 
 
 def stage_evaluate(args, cfg: RunConfig) -> Dict[str, Any]:
-    folder = os.path.join(args.output, 'export')
-    test = load_split(args.output, 'test', cfg.test_images, 256, args.workers)
+    test = load_split(args.output, cfg, 'test', cfg.test_images, args.workers, seed=cfg.test_seed)
     num_classes = len(CLASS_NAMES)
-    teacher = create_teacher(cfg, file=os.path.join(folder, os.path.basename(SIGNS_TEACHER_FILE))).eval()
-    lookwhere = create_lookwhere(cfg, pretrained=True, num_classes=num_classes, pretrained_cfg_overlay=dict(
-        file=os.path.join(folder, os.path.basename(SIGNS_WEIGHTS_FILE)))).eval()
+    teacher = build_teacher(cfg, file=export_path(args.output, cfg, 'teacher')).eval()
     low = torch.load(os.path.join(args.output, 'lowres', 'model.pth'), map_location='cpu', weights_only=True)
-    lowres = LowResViT(create_teacher(cfg, img_size=low['img_size']), low['img_size'])
+    lowres = LowResViT(build_teacher(cfg, img_size=low['img_size']), low['img_size'])
     lowres.vit.load_state_dict(low['state_dict'])
     lowres.eval()
-    grid, patch = lookwhere.grid_size[0], lookwhere.patch_embed.patch_size[0]
+    patch = lowres.vit.patch_embed.patch_size[0]
 
     rows = []
     _logger.info('evaluating the teacher and the low-res ViT')
-    rows.append(dict(model='full-res teacher (ViT, all patches)', patches=lookwhere.num_patches,
-                     acc=accuracy(teacher, test), gflops=gflops(teacher, 256)))
+    rows.append(dict(model='full-res teacher (ViT, all patches)', patches=(cfg.img_size // patch) ** 2,
+                     acc=accuracy(teacher, test), gflops=gflops(teacher, cfg.img_size)))
     rows.append(dict(model=f'low-res ViT ({lowres.img_size} px copy)', patches=(lowres.img_size // patch) ** 2,
-                     acc=accuracy(lowres, test), gflops=gflops(lowres, 256)))
+                     acc=accuracy(lowres, test), gflops=gflops(lowres, cfg.img_size)))
     timed = dict(teacher=teacher, lowres=lowres)
     for ratio in K_RATIOS:
         model = create_lookwhere(cfg, pretrained=True, num_classes=num_classes, k_ratio=ratio, pretrained_cfg_overlay=dict(
-            file=os.path.join(folder, os.path.basename(SIGNS_WEIGHTS_FILE)))).eval()
+            file=export_path(args.output, cfg, 'finetune'))).eval()
         for selection in ('LookWhere', 'random'):
             _logger.info(f'evaluating {selection} selection at k={ratio:.0%}')
             handle = random_selection(model) if selection == 'random' else None
@@ -560,12 +701,12 @@ def stage_evaluate(args, cfg: RunConfig) -> Dict[str, Any]:
                 handle.remove()
             indices = torch.cat([r['indices'] for r in rec.records])
             rows.append(dict(model=f'{selection} selection, k = {ratio:.0%}', patches=model.k, acc=acc,
-                             gflops=gflops(model, 256),
-                             sign_seen=sign_patches_seen(indices, test['boxes'], grid, patch).mean().item()))
+                             gflops=gflops(model, cfg.img_size),
+                             sign_seen=sign_patches_seen(indices, test['boxes'], model.grid_size, patch).mean().item()))
         timed[f'k={ratio:.0%}'] = model
     _logger.info(f'timing on {torch.get_num_threads()} thread(s)')
-    lat1 = latencies(timed, cfg.latency_runs, 1)
-    lat64 = latencies(timed, max(3, cfg.latency_runs // 10), 64)
+    lat1 = latencies(timed, cfg.latency_runs, 1, cfg.img_size)
+    lat64 = latencies(timed, max(3, cfg.latency_runs // 10), 64, cfg.img_size)
     for row in rows:
         key = 'teacher' if row['model'].startswith('full') else 'lowres' if row['model'].startswith('low') \
             else 'k=' + row['model'].rsplit('= ', 1)[1]
@@ -574,11 +715,11 @@ def stage_evaluate(args, cfg: RunConfig) -> Dict[str, Any]:
     for row in rows:  # 95% interval of an accuracy measured on n scenes (normal approximation)
         row['acc_ci95'] = 1.96 * math.sqrt(max(row['acc'] * (1 - row['acc']), 1e-12) / n)
     results = dict(
-        rows=rows, test_images=n, threads=torch.get_num_threads(), machine=f'{platform.processor() or platform.machine()}',
-        cpu_count=os.cpu_count(), load_average=os.getloadavg(), config=dataclasses.asdict(cfg),
+        config=cfg.tag, rows=rows, test_images=n, test_seed=cfg.test_seed, threads=torch.get_num_threads(),
+        machine=f'{platform.processor() or platform.machine()}', cpu_count=os.cpu_count(),
+        load_average=os.getloadavg(), settings=dataclasses.asdict(cfg),
     )
-    with open(os.path.join(args.output, 'results.json'), 'w') as f:
-        json.dump(results, f, indent=2)
+    write_json(os.path.join(args.output, 'results.json'), results)
     table = results_table(results)
     with open(os.path.join(args.output, 'results.md'), 'w') as f:
         f.write(table + '\n')
@@ -590,16 +731,17 @@ def stage_evaluate(args, cfg: RunConfig) -> Dict[str, Any]:
 def results_table(results: Dict[str, Any]) -> str:
     teacher = results['rows'][0]
     lines = [
-        '| model | patches seen | test accuracy (%) | sign patches seen (%) | GFLOPs | latency, batch 1 (ms) '
-        '| speed-up vs teacher, batch 1 | ms / image, batch 64 | speed-up, batch 64 |',
-        '|---|---|---|---|---|---|---|---|---|',
+        '| model | patches seen | test accuracy (%) | sign patches seen (%) | GFLOPs | FLOPs vs teacher '
+        '| latency, batch 1 (ms) | speed-up, batch 1 | ms / image, batch 64 | speed-up, batch 64 |',
+        '|---|---|---|---|---|---|---|---|---|---|',
     ]
     for row in results['rows']:
         seen = f"{100 * row['sign_seen']:.1f}" if 'sign_seen' in row else '-'
         lines.append(
             f"| {row['model']} | {row['patches']} | {100 * row['acc']:.1f} ± {100 * row['acc_ci95']:.1f} | {seen} "
-            f"| {row['gflops']:.3f} | {row['ms_b1']:.2f} | {teacher['ms_b1'] / row['ms_b1']:.1f}x "
-            f"| {row['ms_per_img_b64']:.2f} | {teacher['ms_per_img_b64'] / row['ms_per_img_b64']:.1f}x |")
+            f"| {row['gflops']:.3f} | {teacher['gflops'] / row['gflops']:.1f}x | {row['ms_b1']:.2f} "
+            f"| {teacher['ms_b1'] / row['ms_b1']:.1f}x | {row['ms_per_img_b64']:.2f} "
+            f"| {teacher['ms_per_img_b64'] / row['ms_per_img_b64']:.1f}x |")
     return '\n'.join(lines)
 
 
@@ -618,9 +760,9 @@ def plot_results(results: Dict[str, Any], path: str) -> None:
     ax.plot(rows[1]['gflops'], 100 * rows[1]['acc'], 'D', markersize=8, label=rows[1]['model'])
     ax.axhline(100 / len(CLASS_NAMES), color='grey', lw=0.8, ls=':', label='chance')
     ax.set_xscale('log')
-    ax.set_xlabel('GFLOPs per image (log scale)')
+    ax.set_xlabel('GFLOPs per image (log scale, attention counted)')
     ax.set_ylabel(f"test accuracy (%), {results['test_images']} scenes")
-    ax.set_title('Sparse traffic signs: accuracy against compute')
+    ax.set_title(f"Sparse traffic signs, {results['settings']['img_size']} px scenes: accuracy against compute")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc='lower right')
     fig.tight_layout()
@@ -629,16 +771,62 @@ def plot_results(results: Dict[str, Any], path: str) -> None:
 
 
 # --------------------------------------------------------------------------------------------
+# levers
+
+
+def lever_table(folders: Sequence[str]) -> str:
+    """One row per run folder: the settings it changed (`--set`) and the validation figures of its stages."""
+    def read(path: str) -> Dict[str, Any]:
+        return json.load(open(path)) if os.path.exists(path) else {}
+
+    lines = ['| run | changed | selector: sign patches chosen at 2 / 5 / 10% | LookWhere val acc at 2 / 5 / 10% |',
+             '|---|---|---|---|']
+    for folder in folders:
+        run = read(os.path.join(folder, 'run.json'))
+        changed = ', '.join(f'{k}={v}' for k, v in run.get('overrides', {}).items()) or 'the configuration as is'
+        seen = read(os.path.join(folder, 'distill', 'val.json')).get('sign_patches_seen', {})
+        acc = read(os.path.join(folder, 'finetune', 'val.json')).get('val_accuracy', {})
+        fmt = lambda d: ' / '.join(f'{100 * d[k]:.1f}' for k in sorted(d, key=lambda k: float(k[2:-1]))) or '-'  # noqa
+        lines.append(f'| {os.path.basename(os.path.normpath(folder))} | {changed} | {fmt(seen)} | {fmt(acc)} |')
+    return '\n'.join(lines)
+
+
+def apply_overrides(cfg: RunConfig, pairs: Sequence[str]) -> Tuple[RunConfig, Dict[str, Any]]:
+    """`key=value` pairs (python literals) -> the configuration with those fields replaced."""
+    fields = {f.name for f in dataclasses.fields(RunConfig)}
+    overrides = {}
+    for pair in pairs:
+        key, sep, value = pair.partition('=')
+        if not sep or key not in fields:
+            raise ValueError(f'--set takes key=value with a key of {sorted(fields)}, got {pair!r}')
+        try:
+            overrides[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            overrides[key] = value  # a plain string
+    return dataclasses.replace(cfg, **overrides), overrides
+
+
+def share_stages(out: str, source: str) -> None:
+    """Link the data and teacher of another run into this one (its caches included)."""
+    for name in ('cache', 'data', 'teacher'):
+        src, dst = os.path.abspath(os.path.join(source, name)), os.path.join(out, name)
+        if not os.path.exists(src):
+            raise FileNotFoundError(f'--share-from {source} has no {name}/: run its data and teacher stages first')
+        if not os.path.lexists(dst):
+            os.symlink(src, dst)
+
+
+# --------------------------------------------------------------------------------------------
 # main
 
 
 STAGE_OUTPUTS = {
-    'data': lambda out, cfg: os.path.join(out, 'data', 'train', 'done'),  # after the cache and the folder
+    'data': lambda out, cfg: os.path.join(out, 'data', 'train', 'done'),  # after the caches and the folder
     'teacher': lambda out, cfg: os.path.join(out, 'teacher', 'model.pth'),
-    'distill': lambda out, cfg: os.path.join(out, 'distill', 'done'),
+    'distill': lambda out, cfg: os.path.join(out, 'distill', 'val.json'),
     'finetune': lambda out, cfg: os.path.join(out, 'finetune', 'model.pth'),
     'lowres': lambda out, cfg: os.path.join(out, 'lowres', 'model.pth'),
-    'export': lambda out, cfg: os.path.join(out, 'export', os.path.basename(SIGNS_TEACHER_FILE)),
+    'export': lambda out, cfg: export_path(out, cfg, 'teacher'),
     'evaluate': lambda out, cfg: os.path.join(out, 'results.json'),
 }
 RUNNERS = dict(data=stage_data, teacher=stage_teacher, distill=stage_distill, finetune=stage_finetune,
@@ -647,30 +835,45 @@ RUNNERS = dict(data=stage_data, teacher=stage_teacher, distill=stage_distill, fi
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--output', required=True, help='folder for every stage output, run.log and results')
+    parser.add_argument('--config', default='512', choices=sorted(CONFIGS), help='scene size (default: %(default)s)')
+    parser.add_argument('--output', help='folder for every stage output, run.log and results')
     parser.add_argument('--tiny', action='store_true', help='a tiny model and a few steps: checks the code only')
     parser.add_argument('--stages', default=','.join(STAGES), help='comma-separated subset of ' + ','.join(STAGES))
     parser.add_argument('--redo', action='store_true', help='run the stages given even when their output exists')
+    parser.add_argument('--set', nargs='+', default=[], metavar='KEY=VALUE',
+                        help='change settings of the configuration (a lever), e.g. map_weight=0.3')
+    parser.add_argument('--share-from', default=None, metavar='DIR',
+                        help="use DIR's data and teacher (symlinks) instead of making them again")
+    parser.add_argument('--lever-table', nargs='+', default=None, metavar='DIR',
+                        help='print the validation figures of these runs side by side, and stop')
     parser.add_argument('--ship', action='store_true',
                         help='copy the exported weights into timm_lookwhere/weights (the pretrained tag)')
     parser.add_argument('--workers', type=int, default=2, help='scene-generating processes (default: 2)')
     parser.add_argument('--threads', type=int, default=2,
                         help='torch threads (default: 2; training reads cached scenes, so the cores are free)')
     args = parser.parse_args(argv)
+    if args.lever_table is None and not args.output:
+        parser.error('--output is required')
     unknown = set(args.stages.split(',')) - set(STAGES)
     if unknown:
         parser.error(f'unknown stages {sorted(unknown)}; choose from {STAGES}')
-    if args.ship and args.tiny:
-        parser.error('--ship copies weights into the package: not from a --tiny run')
+    if args.ship and (args.tiny or args.set):
+        parser.error('--ship copies weights into the package: only from a full run of a configuration as it is')
     return args
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.lever_table is not None:
+        print(lever_table(args.lever_table))
+        return 0
     os.makedirs(args.output, exist_ok=True)
     logging.basicConfig(level=logging.INFO, format='%(asctime)s %(message)s', handlers=[
         logging.StreamHandler(sys.stdout), logging.FileHandler(os.path.join(args.output, 'run.log'))])
-    cfg = TINY if args.tiny else FULL
+    cfg, overrides = apply_overrides(CONFIGS[args.config]['tiny' if args.tiny else 'full'], args.set)
+    write_json(os.path.join(args.output, 'run.json'), dict(config=args.config, tiny=args.tiny, overrides=overrides))
+    if args.share_from:
+        share_stages(args.output, args.share_from)
     torch.set_num_threads(args.threads)
     os.environ['OMP_NUM_THREADS'] = str(args.threads)  # the distillation subprocess too
     timings_path = os.path.join(args.output, 'timings.json')
@@ -689,12 +892,11 @@ def main(argv=None) -> int:
         if done.endswith('done'):
             open(done, 'w').close()
         timings[stage] = timings.get(stage, 0) + time.perf_counter() - start
-        with open(timings_path, 'w') as f:
-            json.dump(timings, f, indent=2)
+        write_json(timings_path, timings)
         _logger.info(f'{stage}: finished in {timings[stage] / 60:.1f} min')
-    _logger.info(f'wall time of all stages: {sum(timings.values()) / 60:.1f} min ({timings_path})')
+    _logger.info(f'wall time of the stages run here: {sum(timings.values()) / 60:.1f} min ({timings_path})')
     if args.ship:
-        ship(args)
+        ship(args, cfg)
     return 0
 
 

@@ -3,6 +3,7 @@
 
     python benchmarks/speed.py           # the full run (about 15 min on a 2-core CPU)
     python benchmarks/speed.py --quick   # 518 px only, under 3 min
+    python benchmarks/speed.py --device cuda --amp     # on a GPU, in bfloat16 autocast
 
 Compared in each group (same resolution and batch, models alternated rep by rep):
   - `vit_base_patch14_reg4_dinov2` on the full image (LookWhere's extractor without selection);
@@ -13,6 +14,7 @@ Weights are random (timm's init): speed does not depend on them, and nothing is 
 Writes <out>/speed.json, <out>/speed.md and PNG plots, and prints the Markdown table.
 """
 import argparse
+import contextlib
 import dataclasses
 import functools
 import json
@@ -114,6 +116,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         help='peak memory (a fresh process per configuration) for every model, for the full ViT '
                              'and k_ratio 0.1 only (the default), or none (the default with --quick)')
     parser.add_argument('--threads', type=int, help='torch.set_num_threads (default: torch\'s own)')
+    add_device_arguments(parser)
     parser.add_argument('--tiny', action='store_true',
                         help='a tiny random architecture (embed 32, 2 blocks) to check the script quickly')
     parser.add_argument('--out', type=Path, help='output folder (default benchmarks/results[/quick])')
@@ -122,6 +125,25 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument('--memory-child', help=argparse.SUPPRESS)  # internal: one memory probe
     args = parser.parse_args(argv)
     return fill_defaults(args)
+
+
+def add_device_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu',
+                        help='where the models run: cpu, cuda, cuda:1, ... (default: cuda when there is one)')
+    parser.add_argument('--amp', action='store_true', help='bfloat16 autocast (CPU and GPU)')
+
+
+def autocast(args: argparse.Namespace):
+    """bfloat16 autocast on the run's device with --amp, else nothing."""
+    if not args.amp:
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16)
+
+
+def synchronize(device: str) -> None:
+    """Wait for queued GPU work, so a clock read after it times the work itself."""
+    if torch.device(device).type == 'cuda':
+        torch.cuda.synchronize(device)
 
 
 def fill_defaults(args: argparse.Namespace) -> argparse.Namespace:
@@ -329,28 +351,50 @@ def peak_rss_growth_mb(run: Callable[[], object]) -> Dict[str, object]:
     return dict(peak_mb=(_read_status_kib('VmHWM') - before) / 1024, method=method)
 
 
+def cuda_peak_growth_mb(run: Callable[[], object], device: str) -> Dict[str, object]:
+    """GPU memory the call adds at its peak, from the CUDA caching allocator's statistics."""
+    synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    run()
+    synchronize(device)
+    return dict(peak_mb=(torch.cuda.max_memory_allocated(device) - before) / 2 ** 20,
+                method='max_memory_allocated - memory_allocated (CUDA)')
+
+
+def peak_growth_mb(run: Callable[[], object], args: argparse.Namespace) -> Dict[str, object]:
+    """Peak memory one call adds: resident memory on the CPU, the allocator's on a GPU; under --amp if set."""
+    def call():
+        with autocast(args):
+            return run()
+    if torch.device(args.device).type == 'cuda':
+        return cuda_peak_growth_mb(call, args.device)
+    return peak_rss_growth_mb(call)
+
+
 def memory_child(spec: str) -> None:
     """Entry point of one memory probe: build, make the input, then measure one call."""
     spec = json.loads(spec)
     if spec['threads']:
         torch.set_num_threads(spec['threads'])
+    args = argparse.Namespace(device=spec['device'], amp=spec['amp'])
     cand = Candidate(**spec['candidate'])
-    zoo = ModelZoo(tiny=spec['tiny'])
-    x = torch.randn(spec['batch'], 3, cand.size, cand.size)
+    zoo = ModelZoo(tiny=spec['tiny'], device=args.device)
+    x = torch.randn(spec['batch'], 3, cand.size, cand.size, device=args.device)
     if spec['task'] == 'train':
         step = TrainStep(cand, zoo)
-        labels = torch.randint(0, NUM_CLASSES, (spec['batch'],))
-        result = peak_rss_growth_mb(lambda: step(x, labels))
+        labels = torch.randint(0, NUM_CLASSES, (spec['batch'],), device=args.device)
+        result = peak_growth_mb(lambda: step(x, labels), args)
     else:
         call = inference_call(cand, zoo)
         with torch.inference_mode():
-            result = peak_rss_growth_mb(lambda: call(x))
+            result = peak_growth_mb(lambda: call(x), args)
     print(json.dumps(result))
 
 
 def measure_memory(cand: Candidate, group: Group, args: argparse.Namespace) -> Optional[Dict[str, object]]:
     spec = json.dumps(dict(candidate=dataclasses.asdict(cand), task=group.task, batch=group.batch,
-                           tiny=args.tiny, threads=args.threads))
+                           tiny=args.tiny, threads=args.threads, device=args.device, amp=args.amp))
     proc = subprocess.run([sys.executable, __file__, '--memory-child', spec], capture_output=True, text=True)
     if proc.returncode != 0:
         log(f'memory probe failed for {cand.key}: {proc.stderr.strip().splitlines()[-1:]}')
@@ -411,10 +455,10 @@ def time_group(group: Group, zoo: ModelZoo, skip: Dict[str, str], args: argparse
                flops: Dict[str, int]) -> Dict[str, Dict[str, List[float]]]:
     """Times every candidate `reps` times, alternating them (order reversed every other rep)."""
     torch.manual_seed(0)
-    x = torch.randn(group.batch, 3, group.size, group.size)
-    labels = torch.randint(0, NUM_CLASSES, (group.batch,))
+    x = torch.randn(group.batch, 3, group.size, group.size, device=args.device)
+    labels = torch.randint(0, NUM_CLASSES, (group.batch,), device=args.device)
     active = [c for c in group.candidates if c.key not in skip]
-    calls = {c.key: make_call(c, group, zoo, x, labels) for c in active}
+    calls = {c.key: make_call(c, group, zoo, x, labels, args) for c in active}
     samples = {c.key: dict(seconds=[], selector=[], blocks=[]) for c in active}
     for cand in active:  # warm-up: first-call costs (allocations, kernel selection) are not timed
         if flops[cand.key]['total'] < args.warmup_below_tflop * 1e12:
@@ -432,29 +476,35 @@ def time_group(group: Group, zoo: ModelZoo, skip: Dict[str, str], args: argparse
     return samples
 
 
-def make_call(cand: Candidate, group: Group, zoo: ModelZoo, x: torch.Tensor, labels: torch.Tensor):
+def make_call(cand: Candidate, group: Group, zoo: ModelZoo, x: torch.Tensor, labels: torch.Tensor,
+              args: argparse.Namespace):
     """A closure that runs the candidate once and returns (seconds, {span: seconds})."""
+    def clock() -> float:
+        synchronize(args.device)
+        return time.perf_counter()
+
     if group.task == 'train':
         step = TrainStep(cand, zoo)
 
         def train_call():
-            start = time.perf_counter()
-            step(x, labels)
-            return time.perf_counter() - start, {}
+            start = clock()
+            with autocast(args):
+                step(x, labels)
+            return clock() - start, {}
         return train_call
     call = inference_call(cand, zoo)
     model = zoo.lookwhere(cand.size) if cand.family == 'lookwhere' else None
 
     def infer_call():
-        with torch.inference_mode():
+        with torch.inference_mode(), autocast(args):
             if model is None:
-                start = time.perf_counter()
+                start = clock()
                 call(x)
-                return time.perf_counter() - start, {}
-            with SpanRecorder(model) as timer:
-                start = time.perf_counter()
+                return clock() - start, {}
+            with SpanRecorder(model, clock=clock) as timer:
+                start = clock()
                 call(x)
-                seconds = time.perf_counter() - start
+                seconds = clock() - start
             return seconds, dict(timer.spans)
     return infer_call
 
@@ -558,9 +608,12 @@ def machine_info(args: argparse.Namespace) -> Dict[str, object]:
                    if line.startswith('model name'))
     except (OSError, StopIteration):
         pass
-    return dict(cpu=cpu, cores=os.cpu_count(), torch_threads=torch.get_num_threads(), torch=torch.__version__,
+    info = dict(cpu=cpu, cores=os.cpu_count(), torch_threads=torch.get_num_threads(), torch=torch.__version__,
                 timm=timm.__version__, python=platform.python_version(), platform=platform.platform(),
-                load_average_start=os.getloadavg())
+                load_average_start=os.getloadavg(), device=args.device, amp='bfloat16' if args.amp else None)
+    if torch.device(args.device).type == 'cuda':
+        info['gpu'] = torch.cuda.get_device_name(args.device)
+    return info
 
 
 def plan_flops(group: Group, meta_zoo: ModelZoo, args: argparse.Namespace):
@@ -594,8 +647,9 @@ def run(args: argparse.Namespace, command: str) -> Dict[str, object]:
         torch.set_num_threads(args.threads)
     info = machine_info(args)
     groups = plan_groups(args)
-    zoo, meta_zoo = ModelZoo(args.tiny), ModelZoo(args.tiny, device='meta')
-    log(f'{len(groups)} groups, {args.reps} reps, {info["torch_threads"]} threads on {info["cpu"]}')
+    zoo, meta_zoo = ModelZoo(args.tiny, device=args.device), ModelZoo(args.tiny, device='meta')
+    where = info.get('gpu', f'{info["torch_threads"]} threads on {info["cpu"]}')
+    log(f'{len(groups)} groups, {args.reps} reps, {where}' + (', bfloat16 autocast' if args.amp else ''))
     rows = []
     for i, group in enumerate(groups):
         flops, skip = plan_flops(group, meta_zoo, args)

@@ -4,6 +4,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / 'benchmarks'
 sys.path.insert(0, str(BENCHMARKS))
@@ -94,3 +95,48 @@ def test_memory_probe_measures_one_call_in_a_fresh_process():
     cand = speed.Candidate('lookwhere', 112, 0.25)
     result = speed.measure_memory(cand, speed.Group('infer', 112, 2, [cand]), args)
     assert result is not None and result['peak_mb'] > 0 and result['method']
+
+
+def test_bfloat16_autocast_runs_the_models_in_bfloat16(tmp_path):
+    args = speed.parse_args(['--tiny', '--amp', '--device', 'cpu'])
+    zoo = speed.ModelZoo(tiny=True, device=args.device)
+    dtypes = []
+    for cand in (speed.Candidate('lookwhere', 112, 0.25), speed.Candidate('vit', 112)):
+        call = speed.make_call(cand, speed.Group('infer', 112, 1, [cand]), zoo, torch.randn(1, 3, 112, 112),
+                               torch.zeros(1, dtype=torch.long), args)
+        model = zoo.lookwhere(112) if cand.family == 'lookwhere' else zoo.vit(112)
+        handle = model.blocks[0].attn.qkv.register_forward_hook(lambda m, a, out: dtypes.append(out.dtype))
+        seconds, _ = call()
+        handle.remove()
+        assert seconds > 0
+    assert dtypes == [torch.bfloat16, torch.bfloat16]
+    results = speed.main(['--tiny', '--amp', '--sizes', '112', '--lookwhere-only-sizes', '--batches', '1',
+                          '--k-ratios', '0.25', '--target-batch', '0', '--dense-sizes', '--train-batch', '1',
+                          '--train-k-ratio', '0.25', '--reps', '1', '--memory', 'all', '--no-plots',
+                          '--out', str(tmp_path)])
+    assert results['machine']['amp'] == 'bfloat16' and results['machine']['device'] == 'cpu'
+    assert all(row['peak_mb']['peak_mb'] > 0 for row in results['rows'])
+    assert 'bfloat16 autocast' in (tmp_path / 'speed.md').read_text()
+
+
+def test_native_resolution_times_one_dynamic_model_beside_fixed_ones_and_plots_it(tmp_path):
+    import native_resolution
+    results = native_resolution.main(['--tiny', '--sizes', '112x112', '140x252', '--k-ratios', '0.25',
+                                      '--outputs', 'cls', 'dense', '--reps', '1', '--no-memory', '--out', str(tmp_path)])
+    rows = [r for r in results['rows'] if r.get('model') != 'vit']
+    assert [(tuple(r['size']), r['output']) for r in rows] == [
+        ((112, 112), 'cls'), ((112, 112), 'dense'), ((140, 252), 'cls'), ((140, 252), 'dense')]
+    assert [r['k'] for r in rows] == [16, 16, 45, 45]  # k_ratio of each size's own patches
+    assert all(r['dynamic']['median'] > 0 and r['dynamic_over_fixed']['median'] > 0 for r in rows)
+    vit = [r for r in results['rows'] if r.get('model') == 'vit']
+    assert len(vit) == 2 and all('seconds' in r for r in vit)
+    assert (tmp_path / 'native_resolution.png').read_bytes()[:4] == b'\x89PNG'
+    assert '| 140 x 252 | 0.04 | 180 | 0.25 (45) | dense |' in (tmp_path / 'native_resolution.md').read_text()
+    args = native_resolution.parse_args(['--tiny'])
+    assert native_resolution.measure_memory('dynamic', (140, 252), 0.25, 'dense', args) > 0
+
+
+def test_native_resolution_sizes_must_be_whole_patches():
+    import native_resolution
+    with pytest.raises(SystemExit, match='multiples of the patch size 14'):
+        native_resolution.parse_args(['--sizes', '500x500'])

@@ -19,10 +19,14 @@ TINY_SIGNS = ['--model', 'lookwhere_vitt16_256', '--no-pretrained', '--model-kwa
               'num_heads=2', 'img_size=128', 'selector_img_size=64', 'map_grid=8']
 
 
-def expected_figure_size(side):
-    """Two panels of the image enlarged by the whole factor 512 // side, 8 px margins, a 64 px caption."""
+def expected_figure_size(side, zoom=None):
+    """Two panels of the image enlarged by the whole factor 512 // side, 8 px margins, a 64 px caption;
+    with a zoom panel of `zoom` (width, height) px, that panel and a margin more."""
     scale = max(1, 512 // side)
-    return 2 * side * scale + 3 * 8, side * scale + 64 + 8
+    width, height = 2 * side * scale + 3 * 8, side * scale
+    if zoom:
+        width, height = width + zoom[0] + 8, max(height, zoom[1])
+    return width, height + 64 + 8
 
 
 def test_demo_on_a_generated_scene_prints_the_report_and_writes_the_figure(tmp_path, capsys):
@@ -77,6 +81,21 @@ def test_draw_selection_dims_the_patches_not_seen():
     assert tuple(centre(0, 0)) == (50, 25, 12)  # the others at a quarter
     with pytest.raises(ValueError, match='16 scores for a 5x5 grid'):
         demo.draw_selection(image, torch.zeros(16), torch.tensor([5]), (5, 5))
+
+
+def test_small_sign_gets_a_panel_of_the_patches_around_it_enlarged():
+    image = Image.new('RGB', (512, 512), (30, 30, 30))
+    box = (326, 160, 359, 193)  # a 33 px sign in a 512 px scene
+    region = demo.zoom_region(box, image.size, patch=16)
+    assert region == (272, 112, 384, 224)  # 7x7 whole patches, three times the sign, centred on it
+    chosen = torch.tensor([(160 // 16) * 32 + 326 // 16])  # the patch of the sign's top-left corner
+    figure = demo.draw_selection(image, torch.zeros(1024), chosen, (32, 32), zoom=region)
+    assert figure.size == expected_figure_size(512, zoom=(112 * 3, 112 * 3))
+    pixels = np.asarray(figure)
+    x_panel, patch_x, patch_y = 3 * 8 + 2 * 512, (320 - 272) * 3, (160 - 112) * 3
+    assert tuple(pixels[64 + patch_y, x_panel + patch_x + 10]) == demo.CHOSEN_COLOUR  # outlined, enlarged 3x
+    assert tuple(pixels[64 + 112 - 1, 8 + 300]) == demo.ZOOM_COLOUR  # the region is marked on the scene
+    assert demo.zoom_region((0, 0, 10, 10), (64, 64), patch=16) == (0, 0, 64, 64)  # kept inside the image
 
 
 def test_missing_image_is_reported_not_raised(tmp_path, capsys):

@@ -20,8 +20,8 @@ from timm.layers import resample_abs_pos_embed
 from conftest import TINY, randomize_
 from timm_lookwhere import cli
 from timm_lookwhere.distill import (
-    DistillTeacher, Distiller, ResumableSampler, SeededImageDataset, default_k_range, distillation_losses,
-    image_batches, init_student_from_teacher, main, resolve_k_range, train_step,
+    DistillTeacher, Distiller, ResumableSampler, SeededImageDataset, TeacherTargetCache, default_k_range,
+    distillation_losses, image_batches, init_student_from_teacher, main, resolve_k_range, train_step,
 )
 
 TEACHER = 'vit_base_patch14_reg4_dinov2'
@@ -327,6 +327,72 @@ def test_bfloat16_autocast_run_on_cpu(run_files, tmp_path):
     main(cli_args(run_files, tmp_path, '--steps', '2', '--amp', '--no-aug'))
     records = read_metrics(tmp_path)
     assert len(records) == 2 and all(math.isfinite(r['loss']) for r in records)
+
+
+class CountingTeacher(DistillTeacher):
+    """Counts the images it runs on."""
+    images_seen = 0
+
+    def forward(self, x):
+        self.images_seen += len(x)
+        return super().forward(x)
+
+
+def test_teacher_cache_computes_each_images_targets_once_and_reads_them_back(tmp_path, images):
+    teacher = CountingTeacher(tiny_teacher())
+    x = images(6, 112, seed=4)
+    cache = TeacherTargetCache(teacher, str(tmp_path / 'cache'), num_images=10, num_patches=NUM_PATCHES,
+                               embed_dim=32, description=dict(teacher='tiny'))
+    first = cache(x[:4], torch.tensor([0, 1, 2, 3]))
+    again = cache(x[2:6], torch.tensor([2, 3, 4, 5]))  # two seen, two new
+    assert teacher.images_seen == 6 and cache.num_filled == 6
+    direct = teacher(x)
+    for key in ('cls', 'patches', 'attn'):
+        torch.testing.assert_close(first[key], direct[key][:4], rtol=0, atol=1e-6)
+        torch.testing.assert_close(again[key], direct[key][2:6], rtol=0, atol=1e-6)
+    # a new process reopens the folder and finds the rows filled
+    cache.flush()
+    reopened = TeacherTargetCache(teacher, str(tmp_path / 'cache'), 10, NUM_PATCHES, 32, dict(teacher='tiny'))
+    before = teacher.images_seen
+    torch.testing.assert_close(reopened(x[:2], torch.tensor([0, 1]))['patches'], direct['patches'][:2],
+                               rtol=0, atol=1e-6)
+    assert teacher.images_seen == before
+    with pytest.raises(ValueError, match='another teacher or other data'):
+        TeacherTargetCache(teacher, str(tmp_path / 'cache'), 10, NUM_PATCHES, 32, dict(teacher='other'))
+
+
+def test_run_with_teacher_cache_gives_the_losses_of_a_run_without(run_files, tmp_path):
+    plain, cached = tmp_path / 'plain', tmp_path / 'cached'
+    main(cli_args(run_files, plain, '--steps', '6', '--no-aug'))  # 16 images, 4 per step: every image twice
+    main(cli_args(run_files, cached, '--steps', '6', '--no-aug', '--teacher-cache', str(tmp_path / 'targets')))
+    assert len(read_metrics(plain)) == len(read_metrics(cached)) == 6
+    for a, b in zip(read_metrics(plain), read_metrics(cached)):
+        for key in RESULT_KEYS:
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), key
+    assert int(np.fromfile(tmp_path / 'targets' / 'filled.u8', dtype=np.uint8).sum()) == 16
+    with pytest.raises(ValueError, match='needs fixed inputs: add --no-aug'):
+        main(cli_args(run_files, tmp_path / 'aug', '--steps', '2', '--teacher-cache', str(tmp_path / 'targets')))
+
+
+def test_teacher_kwargs_may_repeat_the_students_size_and_set_the_classifier(run_files, tmp_path):
+    main(cli_args(run_files, tmp_path / 'same', '--steps', '2', '--teacher-kwargs', *TINY_KWARGS, 'img_size=112',
+                  'num_classes=5'))  # honoured: the same grid, a classifier the losses never read
+    assert len(read_metrics(tmp_path / 'same')) == 2
+    with pytest.raises(ValueError, match=r'img_size=224 differs from the student\'s 112x112.*--img-size'):
+        main(cli_args(run_files, tmp_path / 'other', '--steps', '2', '--teacher-kwargs', *TINY_KWARGS, 'img_size=224'))
+
+
+def test_teacher_weights_missing_offline_say_which_and_how_to_pass_a_file(run_files, tmp_path):
+    args = cli_args(run_files, tmp_path / 'out', '--steps', '2')
+    i = args.index('--teacher-checkpoint')
+    del args[i:i + 2]  # no file: the teacher's Hub weights, without network or cache
+    env = dict(os.environ, HF_HUB_OFFLINE='1', HF_HOME=str(tmp_path / 'hf'))
+    result = subprocess.run([sys.executable, '-m', 'timm_lookwhere.distill', *args], capture_output=True, text=True,
+                            timeout=300, env=env)
+    assert result.returncode != 0
+    assert 'could not get the teacher weights of vit_base_patch14_reg4_dinov2' in result.stderr
+    assert 'timm/vit_base_patch14_reg4_dinov2.lvd142m' in result.stderr and '--teacher-checkpoint FILE' in result.stderr
+    assert 'LocalEntryNotFoundError' not in result.stderr.splitlines()[-1]
 
 
 @pytest.mark.parametrize('extra, message', [

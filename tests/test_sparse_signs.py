@@ -13,6 +13,8 @@ import timm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'benchmarks'))
 
 import sparse_signs  # noqa: E402
+from timm_lookwhere.data import WIDE_AREA_RANGE, generate_scene  # noqa: E402
+from timm_lookwhere.lookwhere import TEACHER_BASE  # noqa: E402
 
 
 def test_patch_targets_name_the_sign_where_its_box_covers_a_fifth_of_the_patch():
@@ -48,7 +50,7 @@ def test_sign_windows_hold_the_whole_sign_and_stay_inside_the_image():
 
 
 def test_window_features_of_the_whole_image_are_the_vits_own_tokens():
-    vit = timm.create_model(sparse_signs.TEACHER_BASE, img_size=64, patch_size=16, embed_dim=32, depth=2,
+    vit = timm.create_model(TEACHER_BASE, img_size=64, patch_size=16, embed_dim=32, depth=2,
                             num_heads=2, reg_tokens=0, num_classes=3).eval()
     x = torch.randn(2, 3, 64, 64)
     zeros = torch.zeros(2, dtype=torch.long)
@@ -72,19 +74,87 @@ def restore_threads(monkeypatch):
     torch.set_num_threads(threads)
 
 
-def test_tiny_run_goes_through_every_stage_and_writes_the_table_and_plot(tmp_path, restore_threads):
-    assert sparse_signs.main(['--output', str(tmp_path), '--tiny', '--workers', '0']) == 0
+@pytest.mark.parametrize('config', ['512', '256'])
+def test_tiny_run_goes_through_every_stage_and_writes_the_table_and_plot(config, tmp_path, restore_threads):
+    argv = ['--config', config, '--output', str(tmp_path), '--tiny', '--workers', '0']
+    assert sparse_signs.main(argv) == 0
     results = json.loads((tmp_path / 'results.json').read_text())
+    assert results['config'] == f'lookwhere_vitt16_{config}.sparse_signs'
     names = [row['model'] for row in results['rows']]
     assert names[0].startswith('full-res teacher') and names[1].startswith('low-res ViT')
     assert sum(n.startswith('LookWhere selection') for n in names) == 3
     assert sum(n.startswith('random selection') for n in names) == 3
+    assert results['rows'][0]['patches'] == (int(config) // 16) ** 2
     assert all(0 <= row['acc'] <= 1 and row['gflops'] > 0 for row in results['rows'])
     assert (tmp_path / 'results.md').read_text().count('\n') == len(names) + 2
     with Image.open(tmp_path / 'results.png') as plot:
         assert plot.format == 'PNG'
+    seen = json.loads((tmp_path / 'distill' / 'val.json').read_text())['sign_patches_seen']
+    assert set(seen) == {'k=2%', 'k=5%', 'k=10%'} and all(0 <= v <= 1 for v in seen.values())
     timings = json.loads((tmp_path / 'timings.json').read_text())
     assert set(timings) == set(sparse_signs.STAGES)
     # a second run finds every stage done and redoes nothing
-    assert sparse_signs.main(['--output', str(tmp_path), '--tiny', '--workers', '0']) == 0
+    assert sparse_signs.main(argv) == 0
     assert json.loads((tmp_path / 'timings.json').read_text()) == timings
+
+
+def test_cached_split_holds_the_generators_scenes(tmp_path):
+    cfg = sparse_signs.CONFIGS['512']['tiny']
+    data = sparse_signs.load_split(str(tmp_path), cfg, 'test', 3, workers=0, seed=cfg.test_seed)
+    again = sparse_signs.load_split(str(tmp_path), cfg, 'test', 3, workers=0, seed=cfg.test_seed)  # from the cache
+    for i in range(3):
+        scene = generate_scene(cfg.test_seed, 'test', i, img_size=512, area_range=WIDE_AREA_RANGE)
+        assert torch.equal(data['images'][i], sparse_signs.to_uint8_tensor(scene.image))
+        assert torch.equal(again['images'][i], data['images'][i])
+        assert data['labels'][i] == scene.label and tuple(data['boxes'][i].tolist()) == scene.box
+
+
+def test_stopped_training_continues_onto_the_same_batches(tmp_path, monkeypatch):
+    cfg = sparse_signs.CONFIGS['256']['tiny']
+    data = dict(images=torch.randint(0, 256, (20, 3, 32, 32), dtype=torch.uint8), labels=torch.arange(20) % 3,
+                boxes=torch.zeros(20, 4, dtype=torch.long))
+
+    def run(steps, state_path, stop_after=None):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 3))
+        generator = torch.Generator().manual_seed(5)
+        batches = sparse_signs.cached_batches(data, 4, generator)
+        seen = []
+
+        def forward(m, batch):
+            seen.append(batch[1].tolist())
+            if stop_after is not None and len(seen) > stop_after:
+                raise KeyboardInterrupt
+            return m(batch[0]), 0.
+        try:
+            sparse_signs.fit('test', model, batches, steps, 1e-2, forward, str(state_path), generators=(generator,))
+        except KeyboardInterrupt:
+            pass
+        return model, seen
+
+    whole, whole_seen = run(6, tmp_path / 'whole.pth')
+    monkeypatch.setattr(sparse_signs, 'SAVE_EVERY_S', 0)  # save after every step
+    run(6, tmp_path / 'stopped.pth', stop_after=3)
+    resumed, resumed_seen = run(6, tmp_path / 'stopped.pth')
+    assert resumed_seen == whole_seen[3:]
+    assert all(torch.equal(a, b) for a, b in zip(whole.state_dict().values(), resumed.state_dict().values()))
+    finished, none_seen = run(6, tmp_path / 'stopped.pth')  # a finished fit only reloads
+    assert none_seen == [] and all(torch.equal(a, b) for a, b in zip(whole.state_dict().values(),
+                                                                       finished.state_dict().values()))
+
+
+def test_a_lever_runs_in_its_own_folder_on_shared_data_and_teacher(tmp_path, restore_threads, capsys):
+    base, lever = tmp_path / 'base', tmp_path / 'lever'
+    common = ['--config', '256', '--tiny', '--workers', '0']
+    assert sparse_signs.main(common + ['--output', str(base), '--stages', 'data,teacher,distill']) == 0
+    assert sparse_signs.main(common + ['--output', str(lever), '--share-from', str(base), '--stages', 'distill',
+                                       '--set', 'map_weight=0.25', 'distill_steps=2']) == 0
+    assert (lever / 'teacher').is_symlink() and (lever / 'distill' / 'val.json').exists()
+    assert json.loads((lever / 'distill' / 'args.json').read_text())['map_weight'] == 0.25
+    assert json.loads((lever / 'run.json').read_text())['overrides'] == dict(map_weight=0.25, distill_steps=2)
+    capsys.readouterr()
+    assert sparse_signs.main(['--lever-table', str(base), str(lever)]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert len(table) == 4 and 'the configuration as is' in table[2] and 'map_weight=0.25' in table[3]
+    with pytest.raises(ValueError, match='--set takes key=value'):
+        sparse_signs.main(common + ['--output', str(lever), '--set', 'not_a_setting=1'])

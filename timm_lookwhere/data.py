@@ -2,7 +2,9 @@
 
 The closest offline stand-in for the paper's high-res Traffic Signs task. Each scene is a cluttered
 picture (textured background, lines and poles, coloured shapes that are not signs, some of them
-sign-like) with exactly one traffic-sign-like object, whose silhouette covers 1-2% of the image.
+sign-like) with exactly one traffic-sign-like object, whose silhouette covers 1-2% of the image
+(`AREA_RANGE`), or 0.25-0.5% in the wide scenes (`WIDE_AREA_RANGE`: the same sign in pixels in a 512 px
+image, a 4x larger field of view).
 The class is set by the sign's shape, colours and inner symbol; several classes differ only by the
 symbol (arrow directions, '!' vs '+', ...), which a low-res copy of the image blurs away.
 
@@ -10,25 +12,30 @@ A scene is a pure function of (seed, split, index): the splits draw from disjoin
 so train, val and test never share a scene.
 
     ds = SparseSigns('test', num_samples=1000)        # on the fly, a torch Dataset of (PIL, label)
+    wide = SparseSigns('test', 1000, img_size=512, area_range=WIDE_AREA_RANGE)   # the high-res regime
     scene = ds.scene(0)                               # .image, .label, .box, .area_fraction
     write_image_folder('data', 'train', 8000)         # data/train/<class>/<index>.png for timm tools
 """
 import math
 import os
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Set, Tuple
 
 import numpy as np
+import torch
 from PIL import Image, ImageDraw, ImageFilter
 from torch.utils.data import Dataset
 
 __all__ = [
-    'SIGN_CLASSES', 'CLASS_NAMES', 'SPLITS', 'AREA_RANGE', 'SignClass', 'Scene', 'generate_scene', 'render_sign',
-    'scene_rng', 'scene_label', 'SparseSigns', 'folder_names', 'write_image_folder',
+    'SIGN_CLASSES', 'CLASS_NAMES', 'SPLITS', 'AREA_RANGE', 'WIDE_AREA_RANGE', 'SignClass', 'Scene', 'generate_scene', 'render_sign',
+    'scene_rng', 'scene_label', 'SparseSigns', 'folder_names', 'write_image_folder', 'patches_under_box',
+    'sign_patches_seen',
 ]
 
 SPLITS = ('train', 'val', 'test')
 AREA_RANGE = (0.01, 0.02)  # fraction of the image the sign's silhouette covers
+# 256 px scenes' signs in pixels, in 512 px scenes: a 4x larger field of view (the paper's high-res regime)
+WIDE_AREA_RANGE = (AREA_RANGE[0] / 4, AREA_RANGE[1] / 4)
 MIN_IMG_SIZE = 64
 _SUPERSAMPLE = 3  # signs are drawn this much larger, then downsampled: smooth edges and symbols
 
@@ -297,6 +304,7 @@ def generate_scene(
         index: int = 0,
         img_size: int = 256,
         label: Optional[int] = None,
+        area_range: Tuple[float, float] = AREA_RANGE,
 ) -> Scene:
     """One scene, a pure function of its arguments.
 
@@ -306,16 +314,18 @@ def generate_scene(
         index: scene number within the split.
         img_size: side of the square image in pixels.
         label: force the sign's class (default: drawn uniformly from the scene's seed).
+        area_range: (low, high) fraction of the image the sign's silhouette covers, drawn uniformly.
     """
     if not isinstance(img_size, int) or img_size < MIN_IMG_SIZE:
         raise ValueError(f'img_size must be an int >= {MIN_IMG_SIZE}, got {img_size!r}')
+    _check_area_range(area_range)
     if label is not None and not 0 <= label < len(SIGN_CLASSES):
         raise ValueError(f'label must be in [0, {len(SIGN_CLASSES)}), got {label}')
     rng = scene_rng(seed, split, index)
     drawn_label = int(rng.integers(len(SIGN_CLASSES)))  # as scene_label; drawn even when forced, so the rest stays
     label = drawn_label if label is None else label
     sign_class = SIGN_CLASSES[label]
-    area = rng.uniform(*AREA_RANGE)
+    area = rng.uniform(*area_range)
     sign_size = _sign_size(sign_class, img_size, area)
 
     background = _background(rng, img_size)
@@ -348,6 +358,12 @@ def generate_scene(
     )
 
 
+def _check_area_range(area_range: Tuple[float, float]) -> None:
+    low, high = area_range
+    if not 0 < low <= high <= 0.25:
+        raise ValueError(f'area_range must be (low, high) with 0 < low <= high <= 0.25, got {area_range}')
+
+
 class SparseSigns(Dataset):
     """`num_samples` scenes of one split, generated on the fly: (image, label) pairs.
 
@@ -362,6 +378,7 @@ class SparseSigns(Dataset):
             img_size: int = 256,
             seed: int = 0,
             transform: Optional[Callable] = None,
+            area_range: Tuple[float, float] = AREA_RANGE,
     ):
         if split not in SPLITS:
             raise ValueError(f'split must be one of {SPLITS}, got {split!r}')
@@ -369,8 +386,10 @@ class SparseSigns(Dataset):
             raise ValueError(f'num_samples must be a positive int, got {num_samples!r}')
         if not isinstance(img_size, int) or img_size < MIN_IMG_SIZE:
             raise ValueError(f'img_size must be an int >= {MIN_IMG_SIZE}, got {img_size!r}')
+        _check_area_range(area_range)
         self.split = split
         self.num_samples = num_samples
+        self.area_range = tuple(area_range)
         self.img_size = img_size
         self.seed = seed
         self.transform = transform
@@ -382,7 +401,7 @@ class SparseSigns(Dataset):
     def scene(self, index: int) -> Scene:
         if not 0 <= index < self.num_samples:
             raise IndexError(f'index {index} out of range for {self.num_samples} scenes')
-        return generate_scene(self.seed, self.split, index, self.img_size)
+        return generate_scene(self.seed, self.split, index, self.img_size, area_range=self.area_range)
 
     def __getitem__(self, index: int):
         scene = self.scene(index)
@@ -390,7 +409,8 @@ class SparseSigns(Dataset):
         return image, scene.label
 
     def extra_repr(self) -> str:
-        return f'split={self.split}, num_samples={self.num_samples}, img_size={self.img_size}, seed={self.seed}'
+        return (f'split={self.split}, num_samples={self.num_samples}, img_size={self.img_size}, seed={self.seed}, '
+                f'area_range={self.area_range}')
 
     def __repr__(self) -> str:
         return f'{type(self).__name__}({self.extra_repr()})'
@@ -409,6 +429,7 @@ def write_image_folder(
         img_size: int = 256,
         seed: int = 0,
         progress: bool = True,
+        area_range: Tuple[float, float] = AREA_RANGE,
 ) -> str:
     """Write `root/split/<label>_<class name>/<index>.png` and `root/class_map.txt`: an ImageFolder that
     `timm.data.create_dataset('', root=root, split=split, class_map=root + '/class_map.txt')` reads with
@@ -416,7 +437,7 @@ def write_image_folder(
 
     Existing files are kept, so an interrupted export resumes. Returns the split's folder.
     """
-    dataset = SparseSigns(split, num_samples, img_size, seed)
+    dataset = SparseSigns(split, num_samples, img_size, seed, area_range=area_range)
     folder = os.path.join(root, split)
     for name in folder_names():
         os.makedirs(os.path.join(folder, name), exist_ok=True)
@@ -435,3 +456,24 @@ def write_image_folder(
             dataset.scene(index).image.save(path + '.tmp', format='PNG', compress_level=1)
             os.replace(path + '.tmp', path)
     return folder
+
+
+# --------------------------------------------------------------------------------------------
+# signs on a patch grid
+
+
+def patches_under_box(box: Sequence[int], grid_size: Tuple[int, int], patch: int) -> Set[int]:
+    """Flat ids of the grid patches a pixel box (x0, y0, x1, y1), x1 and y1 exclusive, overlaps."""
+    (rows, cols), (x0, y0, x1, y1) = grid_size, box
+    return {r * cols + c for r in range(y0 // patch, min(rows, (y1 - 1) // patch + 1))
+            for c in range(x0 // patch, min(cols, (x1 - 1) // patch + 1))}
+
+
+def sign_patches_seen(
+        indices: torch.Tensor, boxes: torch.Tensor, grid_size: Tuple[int, int], patch: int) -> torch.Tensor:
+    """Fraction of the patches under each sign's box that a selection chose: (B, k) ids, (B, 4) boxes -> (B,)."""
+    seen = []
+    for chosen, box in zip(indices.tolist(), boxes.tolist()):
+        under = patches_under_box(box, grid_size, patch)
+        seen.append(len(under & set(chosen)) / len(under))
+    return torch.tensor(seen)

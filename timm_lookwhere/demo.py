@@ -1,16 +1,17 @@
 """ `lookwhere demo` and `lookwhere show`: where a LookWhere model looks, drawn over the image.
 
     lookwhere demo                                   # a generated street scene, the shipped sign model, offline
+    lookwhere demo --model lookwhere_vitt16_512.sparse_signs   # a 512 px scene: the sign is 0.25-0.5% of it
     lookwhere demo --image photo.jpg --model lookwhere_vitb_518    # the authors' weights (Hugging Face Hub)
     lookwhere show --model lookwhere_vitb_518 --checkpoint lookwhere_dinov2.pt --image photo.jpg
 
 The figure shows, left, what the extractor sees (the chosen high-res patches, the rest dimmed) and,
-right, the selector's map (softmax over the patches) with the chosen patches outlined.
+right, the selector's map (softmax over the patches) with the chosen patches outlined; where the sign of
+a generated scene would be too small to read, a third panel enlarges the patches around it.
 """
 import argparse
 import os
-import time
-from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
+from typing import Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -19,72 +20,35 @@ from PIL import Image, ImageDraw, ImageFont
 
 import timm
 from timm.data import ImageNetInfo, resolve_data_config
-from timm.models.vision_transformer import VisionTransformer
 from timm.utils import ParseKwargs
 
-from .data import CLASS_NAMES, generate_scene
-from .lookwhere import LookWhere, SelectionRecorder
+from .data import AREA_RANGE, CLASS_NAMES, WIDE_AREA_RANGE, generate_scene, patches_under_box
+from .lookwhere import TEACHER_BASE, LookWhere, SelectionRecorder, create_teacher, dense_counterpart_kwargs
+from .cost import median_latency_ms
 
 __all__ = [
-    'SIGNS_MODEL', 'SIGNS_WEIGHTS_FILE', 'SIGNS_TEACHER_FILE', 'TEACHER_BASE', 'dense_counterpart_kwargs',
-    'create_signs_teacher', 'load_image', 'to_input', 'draw_selection', 'figure_size', 'median_latency_ms',
-    'patches_under_box',
-    'add_subcommand',
+    'SIGNS_MODEL', 'load_image', 'to_input', 'draw_selection', 'figure_size', 'add_subcommand',
 ]
 
 SIGNS_MODEL = 'lookwhere_vitt16_256'
 SIGNS_TAG = 'sparse_signs'
-WEIGHTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'weights')
-SIGNS_WEIGHTS_FILE = os.path.join(WEIGHTS_DIR, 'lookwhere_vitt16_256_sparse_signs.safetensors')
-SIGNS_TEACHER_FILE = os.path.join(WEIGHTS_DIR, 'vit_teacher_vitt16_256_sparse_signs.safetensors')
-# The timm entry the dense ViTs are built from: its defaults (no position embedding slot for the
-# cls token, ImageNet mean/std) are the LookWhere ones; its size comes from dense_counterpart_kwargs.
-TEACHER_BASE = 'vit_small_patch14_reg4_dinov2'
+# the shipped sign models and the scenes each was trained on (benchmarks/sparse_signs.py --config 256 / 512)
+SIGN_SCENES = {'lookwhere_vitt16_256': AREA_RANGE, 'lookwhere_vitt16_512': WIDE_AREA_RANGE}
 
 PANEL_TARGET = 512  # images are shown enlarged by a whole factor up to about this side
+ZOOM_TARGET = 384  # the panel around the sign, likewise
+# a sign drawn smaller than this in the figure gets that panel: every sign of a 512 px scene (29-55 px),
+# none of a 256 px one (58-110 px, enlarged 2x)
+MIN_SIGN_PX = 56
 MARGIN = 8
 HEADER = 64
 CHOSEN_COLOUR = (60, 255, 120)
+ZOOM_COLOUR = (255, 220, 0)
 _INFERNO = np.array([(0, 0, 4), (87, 16, 110), (188, 55, 84), (249, 142, 9), (252, 255, 164)], dtype=np.float32)
 
 
 # --------------------------------------------------------------------------------------------
 # models
-
-
-def dense_counterpart_kwargs(model: LookWhere) -> Dict[str, Any]:
-    """`timm.create_model(TEACHER_BASE, **kwargs)` arguments for a ViT with the extractor's blocks
-    that sees every patch: the full-resolution model LookWhere is compared with (and distilled from)."""
-    block = model.blocks[0]
-    kwargs = dict(
-        img_size=tuple(model.patch_embed.img_size), patch_size=model.patch_embed.patch_size[0],
-        embed_dim=model.embed_dim, depth=len(model.blocks), num_heads=block.attn.num_heads,
-        mlp_ratio=block.mlp.fc1.out_features / model.embed_dim, reg_tokens=model.num_reg_tokens,
-        init_values=None if isinstance(block.ls1, nn.Identity) else 1e-5, num_classes=model.num_classes,
-    )
-    if type(block.mlp).__name__ != 'Mlp':  # e.g. Franca's SwiGLU
-        kwargs.update(mlp_layer=type(block.mlp), act_layer=type(block.mlp.act))
-    if kwargs['img_size'][0] == kwargs['img_size'][1]:
-        kwargs['img_size'] = kwargs['img_size'][0]
-    return kwargs
-
-
-def create_signs_teacher(pretrained: bool = True, **kwargs) -> VisionTransformer:
-    """The full-resolution ViT the sparse-signs LookWhere was distilled from, with its shipped weights."""
-    model = timm.create_model(SIGNS_MODEL, num_classes=len(CLASS_NAMES), weight_init='skip')
-    args = dict(dense_counterpart_kwargs(model), **kwargs)
-    if not pretrained:
-        return timm.create_model(TEACHER_BASE, **args)
-    _check_shipped(SIGNS_TEACHER_FILE)
-    overlay = dict(file=SIGNS_TEACHER_FILE, num_classes=args['num_classes'])
-    return timm.create_model(TEACHER_BASE, pretrained=True, pretrained_cfg_overlay=overlay, **args)
-
-
-def _check_shipped(path: str) -> None:
-    if not os.path.isfile(path):
-        raise FileNotFoundError(
-            f'the shipped weights {path} are missing: reinstall timm-lookwhere, or train them with '
-            f'`python benchmarks/sparse_signs.py --output runs/sparse_signs --ship`')
 
 
 def _create(args: argparse.Namespace) -> nn.Module:
@@ -94,8 +58,6 @@ def _create(args: argparse.Namespace) -> nn.Module:
             raise FileNotFoundError(f'--checkpoint {args.checkpoint} does not exist')
         kwargs['pretrained_cfg_overlay'] = dict(file=args.checkpoint)
     pretrained = args.pretrained or bool(args.checkpoint)
-    if pretrained and not args.checkpoint and args.model.split('.')[0] == SIGNS_MODEL:
-        _check_shipped(SIGNS_WEIGHTS_FILE)
     model = timm.create_model(args.model, pretrained=pretrained, **kwargs)
     if not isinstance(model, LookWhere):
         raise ValueError(f'--model must be a LookWhere model, {args.model} is a {type(model).__name__}')
@@ -104,13 +66,13 @@ def _create(args: argparse.Namespace) -> nn.Module:
     elif args.k_ratio is not None:
         model.set_k(k_ratio=args.k_ratio)
     elif _is_signs_model(model):
-        model.set_k(k_ratio=0.05)  # the shipped model's headline budget
+        model.set_k(k_ratio=0.05)  # the shipped models' headline budget
     return model.eval()
 
 
 def _is_signs_model(model: nn.Module) -> bool:
     cfg = getattr(model, 'pretrained_cfg', {}) or {}
-    return cfg.get('architecture') == SIGNS_MODEL and model.num_classes == len(CLASS_NAMES)
+    return cfg.get('architecture') in SIGN_SCENES and model.num_classes == len(CLASS_NAMES)
 
 
 def class_names(model: nn.Module) -> Optional[Sequence[str]]:
@@ -165,10 +127,14 @@ def _scale(image_size: Tuple[int, int]) -> int:
     return max(1, PANEL_TARGET // max(image_size))
 
 
-def figure_size(image_size: Tuple[int, int]) -> Tuple[int, int]:
-    """(width, height) of the figure `draw_selection` makes for an image of (width, height)."""
+def figure_size(image_size: Tuple[int, int], zoom: Optional[Tuple[int, int]] = None) -> Tuple[int, int]:
+    """(width, height) of the figure `draw_selection` makes for an image of (width, height), with a
+    zoom panel of (width, height) when there is one."""
     s = _scale(image_size)
-    return 2 * image_size[0] * s + 3 * MARGIN, image_size[1] * s + HEADER + MARGIN
+    width, height = 2 * image_size[0] * s + 3 * MARGIN, image_size[1] * s
+    if zoom is not None:
+        width, height = width + zoom[0] + MARGIN, max(height, zoom[1])
+    return width, height + HEADER + MARGIN
 
 
 def _font(size: int):
@@ -178,14 +144,27 @@ def _font(size: int):
         return ImageFont.load_default()
 
 
+def zoom_region(box: Sequence[int], image_size: Tuple[int, int], patch: int) -> Tuple[int, int, int, int]:
+    """A square of whole patches around a pixel box (x0, y0, x1, y1): three times its size, at least 4
+    patches, inside the image."""
+    x0, y0, x1, y1 = box
+    side = max(4 * patch, -(-3 * max(x1 - x0, y1 - y0) // patch) * patch)
+    side = min(side, image_size[0] // patch * patch, image_size[1] // patch * patch)
+    left = min(max(0, ((x0 + x1) // 2 - side // 2) // patch * patch), image_size[0] // patch * patch - side)
+    top = min(max(0, ((y0 + y1) // 2 - side // 2) // patch * patch), image_size[1] // patch * patch - side)
+    return left, top, left + side, top + side
+
+
 def draw_selection(
         image: Image.Image,
         scores: torch.Tensor,
         indices: torch.Tensor,
         grid: Tuple[int, int],
         lines: Sequence[str] = (),
+        zoom: Optional[Tuple[int, int, int, int]] = None,
 ) -> Image.Image:
-    """Two panels and a caption: the chosen patches (others dimmed), the selector's map with them outlined.
+    """Two panels and a caption: the chosen patches (others dimmed), the selector's map with them outlined;
+    with `zoom`, a third panel enlarges that pixel region (whole patches, see `zoom_region`) of the first.
 
     Args:
         image: the RGB image as the model saw it.
@@ -193,6 +172,7 @@ def draw_selection(
         indices: (k,) chosen patch ids.
         grid: (rows, cols) of the high-res grid.
         lines: caption lines (at most two fit).
+        zoom: (x0, y0, x1, y1) pixels of the image to enlarge, e.g. around a small object.
     """
     rows, cols = grid
     if scores.numel() != rows * cols:
@@ -209,48 +189,46 @@ def draw_selection(
     to_pixels = lambda values: values.reshape(rows, cols)[ys][:, xs]  # noqa: E731
 
     seen = to_pixels(chosen.numpy().astype(np.float32))[..., None]  # (h, w, 1)
-    left = big * (0.25 + 0.75 * seen)
+    left = Image.fromarray((big * (0.25 + 0.75 * seen)).clip(0, 255).astype(np.uint8))
     prob = torch.softmax(scores.float(), 0).numpy()
     heat = _colormap(to_pixels(prob / prob.max()))
-    right = 0.4 * big + 0.6 * heat
+    right = Image.fromarray((0.4 * big + 0.6 * heat).clip(0, 255).astype(np.uint8))
 
-    fig_w, fig_h = figure_size(image.size)
-    fig = Image.new('RGB', (fig_w, fig_h), (255, 255, 255))
-    for x0, panel in ((MARGIN, left), (2 * MARGIN + w, right)):
-        fig.paste(Image.fromarray(panel.clip(0, 255).astype(np.uint8)), (x0, HEADER))
+    panel, z = None, 1
+    if zoom is not None:
+        zx0, zy0, zx1, zy1 = zoom
+        z = max(1, ZOOM_TARGET // max(zx1 - zx0, zy1 - zy0))
+        panel = left.crop((zx0 * s, zy0 * s, zx1 * s, zy1 * s))
+        panel = panel.resize((panel.width * z // s, panel.height * z // s), Image.NEAREST)
+    fig = Image.new('RGB', figure_size(image.size, panel.size if panel else None), (255, 255, 255))
+    fig.paste(left, (MARGIN, HEADER))
+    fig.paste(right, (2 * MARGIN + w, HEADER))
     draw = ImageDraw.Draw(fig)
     for index in indices.tolist():
         r, c = divmod(index, cols)
         for x0 in (MARGIN, 2 * MARGIN + w):
             box = [x0 + c * pw, HEADER + r * ph, x0 + (c + 1) * pw - 1, HEADER + (r + 1) * ph - 1]
             draw.rectangle(box, outline=CHOSEN_COLOUR, width=max(1, s))
-    font = _font(15)
+    font, small = _font(15), _font(12)
+    if panel is not None:
+        x_panel = 3 * MARGIN + 2 * w
+        fig.paste(panel, (x_panel, HEADER))
+        ppx, ppy = image.width / cols, image.height / rows  # a patch in image pixels
+        for index in indices.tolist():
+            r, c = divmod(index, cols)
+            x, y = (c * ppx - zx0) * z, (r * ppy - zy0) * z
+            if 0 <= x < panel.width and 0 <= y < panel.height:
+                draw.rectangle([x_panel + x, HEADER + y, x_panel + x + ppx * z - 1, HEADER + y + ppy * z - 1],
+                               outline=CHOSEN_COLOUR, width=2)
+        draw.rectangle([MARGIN + zx0 * s - 1, HEADER + zy0 * s - 1, MARGIN + zx1 * s, HEADER + zy1 * s],
+                       outline=ZOOM_COLOUR, width=2)
+        draw.text((x_panel, HEADER - 16), f'around the sign (the box on the left), {z}x', fill=(90, 90, 90),
+                  font=small)
     for i, line in enumerate(list(lines)[:2]):
         draw.text((MARGIN, 6 + 22 * i), line, fill=(0, 0, 0), font=font)
-    small = _font(12)
     draw.text((MARGIN, HEADER - 16), 'what the extractor sees', fill=(90, 90, 90), font=small)
     draw.text((2 * MARGIN + w, HEADER - 16), "selector's map, chosen patches outlined", fill=(90, 90, 90), font=small)
     return fig
-
-
-# --------------------------------------------------------------------------------------------
-# timing
-
-
-def median_latency_ms(
-        models: Dict[str, nn.Module], x: torch.Tensor, runs: int = 20, warmup: int = 1) -> Dict[str, float]:
-    """Median ms per forward; the models take turns in each round so other load falls on all alike."""
-    times: Dict[str, List[float]] = {name: [] for name in models}
-    with torch.no_grad():
-        for model in models.values():
-            for _ in range(warmup):
-                model(x)
-        for _ in range(runs):
-            for name, model in models.items():
-                start = time.perf_counter()
-                model(x)
-                times[name].append((time.perf_counter() - start) * 1e3)
-    return {name: float(np.median(t)) for name, t in times.items()}
 
 
 # --------------------------------------------------------------------------------------------
@@ -264,8 +242,19 @@ def _scene_or_image(args: argparse.Namespace, model: LookWhere):
         return load_image(args.image, size), None
     if size[0] != size[1]:
         raise ValueError(f'generated scenes are square; this model takes {size[0]}x{size[1]}: pass --image')
-    scene = generate_scene(args.seed, 'test', args.index, img_size=size[0])
+    area_range = SIGN_SCENES.get(model.pretrained_cfg.get('architecture'), AREA_RANGE)  # as the model was trained
+    scene = generate_scene(args.seed, 'test', args.index, img_size=size[0], area_range=area_range)
     return scene.image, scene
+
+
+def _zoom_on(scene, image: Image.Image, model: LookWhere) -> Optional[Tuple[int, int, int, int]]:
+    """The region to enlarge around a generated scene's sign, when the figure would draw it small."""
+    if scene is None:
+        return None
+    x0, y0, x1, y1 = scene.box
+    if max(x1 - x0, y1 - y0) * _scale(image.size) >= MIN_SIGN_PX:
+        return None
+    return zoom_region(scene.box, image.size, model.patch_embed.patch_size[0])
 
 
 def _describe(logits: torch.Tensor, names: Optional[Sequence[str]]) -> str:
@@ -283,13 +272,6 @@ def _look(model: LookWhere, x: torch.Tensor):
     return logits, rec.records[-1]['map'][0], rec.records[-1]['indices'][0]
 
 
-def patches_under_box(box: Sequence[int], grid_size: Tuple[int, int], patch: int) -> Set[int]:
-    """Flat ids of the grid patches a pixel box (x0, y0, x1, y1), x1 and y1 exclusive, overlaps."""
-    (rows, cols), (x0, y0, x1, y1) = grid_size, box
-    return {r * cols + c for r in range(y0 // patch, min(rows, (y1 - 1) // patch + 1))
-            for c in range(x0 // patch, min(cols, (x1 - 1) // patch + 1))}
-
-
 def _sign_coverage(scene, indices: torch.Tensor, model: LookWhere) -> str:
     under = patches_under_box(scene.box, model.grid_size, model.patch_embed.patch_size[0])
     return f'{len(under & set(indices.tolist()))} of the {len(under)} patches under the sign'
@@ -301,7 +283,7 @@ def run_demo(args: argparse.Namespace) -> int:
         image, scene = _scene_or_image(args, model)
     except (RuntimeError, FileNotFoundError, ValueError) as err:
         print(f'lookwhere demo: {err}')
-        if args.model.split('.')[0] != SIGNS_MODEL and not args.checkpoint:
+        if args.model.split('.')[0] not in SIGN_SCENES and not args.checkpoint:
             print('Without network, use the offline model (`lookwhere demo`) or pass the weights file: '
                   f'`lookwhere demo --model {args.model} --checkpoint FILE --image {args.image or "PHOTO"}`')
         return 1
@@ -312,7 +294,8 @@ def run_demo(args: argparse.Namespace) -> int:
 
     shipped = _is_signs_model(model) and args.pretrained and not args.checkpoint
     if shipped:  # the teacher it was distilled from ships beside it
-        teacher, teacher_kind = create_signs_teacher(pretrained=True), 'the full-res teacher'
+        teacher = create_teacher(f"{model.pretrained_cfg['architecture']}.{SIGNS_TAG}")
+        teacher_kind = 'the full-res teacher'
     else:  # the same blocks on every patch: weights do not change the time
         teacher = timm.create_model(TEACHER_BASE, **dense_counterpart_kwargs(model))
         teacher_kind = 'a full-res ViT of the same size (random weights: time only)'
@@ -346,7 +329,7 @@ def run_demo(args: argparse.Namespace) -> int:
     truth = f"   (the sign is '{scene.class_name}')" if scene is not None else ''
     lines = [f'{args.model}: {_describe(logits, names)}{truth}',
              f"looked at {looked}; {times['lookwhere']:.1f} ms vs {times['teacher']:.1f} ms full-res"]
-    _save(draw_selection(image, scores, indices, model.grid_size, lines), args.output)
+    _save(draw_selection(image, scores, indices, model.grid_size, lines, _zoom_on(scene, image, model)), args.output)
     print(f'wrote       {args.output}')
     return 0
 
@@ -362,7 +345,7 @@ def run_show(args: argparse.Namespace) -> int:
     logits, scores, indices = _look(model, x)
     description = _describe(logits, class_names(model))
     lines = [f'{args.model}: {description}', f'looked at {model.k} of {model.num_patches} patches']
-    _save(draw_selection(image, scores, indices, model.grid_size, lines), args.output)
+    _save(draw_selection(image, scores, indices, model.grid_size, lines, _zoom_on(scene, image, model)), args.output)
     print(f'{description}; looked at {model.k} of {model.num_patches} patches; wrote {args.output}')
     return 0
 

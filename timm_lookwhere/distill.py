@@ -26,7 +26,7 @@ import random
 import sys
 import time
 from itertools import count
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -35,26 +35,29 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from huggingface_hub.errors import LocalEntryNotFoundError
 from tqdm import tqdm
 
 import timm
 from timm.data import create_dataset, create_transform, resolve_data_config
 from timm.data.dataset import IterableImageDataset
-from timm.layers import Attention, resample_abs_pos_embed
-from timm.models import named_apply
+from timm.layers import Attention, resample_abs_pos_embed, to_2tuple
+from timm.models import get_pretrained_cfg, named_apply
 from timm.models.vision_transformer import VisionTransformer, init_weights_vit_timm
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from timm.utils import NativeScaler, ParseKwargs, unwrap_model
 from timm.utils.distributed import init_distributed_device_so
 
+from .augment import create_train_transform
 from .dense import idw_fill
 from .lookwhere import LookWhere
 
 __all__ = [
     'LOSS_WEIGHTS', 'default_k_range', 'resolve_k_range', 'TeacherAttentionLogits', 'DistillTeacher',
     'check_teacher', 'init_student_from_teacher', 'distillation_losses', 'Distiller', 'train_step',
-    'SeededImageDataset', 'ResumableSampler', 'image_batches', 'train', 'add_subcommand', 'main',
+    'TeacherTargetCache', 'SeededImageDataset', 'ResumableSampler', 'image_batches', 'train', 'add_subcommand',
+    'main',
 ]
 
 _logger = logging.getLogger(__name__)
@@ -62,7 +65,6 @@ _logger = logging.getLogger(__name__)
 LOSS_WEIGHTS = dict(cls=1.0, patch=1.0, map=0.1)  # the authors' distillation_losses
 REFERENCE_K_RANGE = (16, 128)  # the authors' top_k_range at 518 px ...
 REFERENCE_NUM_PATCHES = 37 * 37  # ... i.e. on a 37x37 grid
-AUGMENT = dict(auto_augment='rand-m9-mstd0.5-inc1', re_prob=0.25, re_mode='pixel', interpolation='bicubic')
 CHECKPOINT_VERSION = 1
 
 
@@ -155,6 +157,68 @@ class DistillTeacher(nn.Module):
             patches=tokens[:, self.num_prefix_tokens:],  # (B, N, D)
             attn=self.attention.logits,  # (B, N)
         )
+
+
+class TeacherTargetCache:
+    """The teacher's targets for every image of a fixed dataset, computed the first time an image comes
+    and read back every time after: with un-augmented data (--no-aug) an image's targets never change,
+    and the teacher's full-resolution forward is most of a distillation step.
+
+    Rows live in `folder` as a memory-mapped float32 table, one row per dataset index (cls, patches,
+    attention), with a byte per row saying it is filled, and `meta.json` describing the teacher and
+    the data: a folder filled for another teacher or other data is refused, never silently reused.
+    Called with (images, dataset indices), it returns what `DistillTeacher` returns.
+    """
+
+    def __init__(self, teacher: 'DistillTeacher', folder: str, num_images: int, num_patches: int,
+                 embed_dim: int, description: Dict[str, Any]):
+        self.teacher = teacher
+        self.num_patches, self.embed_dim = num_patches, embed_dim
+        meta = dict(description, num_images=num_images, num_patches=num_patches, embed_dim=embed_dim)
+        meta_path = os.path.join(folder, 'meta.json')
+        os.makedirs(folder, exist_ok=True)
+        exists = os.path.exists(meta_path)
+        if exists:
+            with open(meta_path) as f:
+                found = json.load(f)
+            differ = sorted(k for k in set(found) | set(meta) if found.get(k) != meta.get(k))
+            if differ:
+                raise ValueError(
+                    f'--teacher-cache {folder} holds the targets of another teacher or other data (differs in '
+                    f'{", ".join(differ)}); give a new folder, or delete this one to recompute')
+        width = embed_dim * (num_patches + 1) + num_patches  # cls, patches, attention logits
+        mode = 'r+' if exists else 'w+'
+        self.rows = np.memmap(os.path.join(folder, 'targets.f32'), dtype=np.float32, mode=mode,
+                              shape=(num_images, width))
+        self.filled = np.memmap(os.path.join(folder, 'filled.u8'), dtype=np.uint8, mode=mode, shape=(num_images,))
+        if not exists:  # written last: a folder without meta.json is an unfinished start, made anew
+            with open(meta_path, 'w') as f:
+                json.dump(meta, f, indent=2)
+
+    @property
+    def num_filled(self) -> int:
+        return int(self.filled.sum())
+
+    def __call__(self, images: torch.Tensor, indices: torch.Tensor) -> Dict[str, torch.Tensor]:
+        ids = indices.cpu().numpy()
+        missing = np.flatnonzero(self.filled[ids] == 0)
+        if len(missing):
+            fresh = self.teacher(images[torch.from_numpy(missing).to(images.device)])
+            packed = torch.cat([fresh['cls'][:, None].float(), fresh['patches'].float()], dim=1).flatten(1)
+            packed = torch.cat([packed, fresh['attn'].float()], dim=1)  # (m, width)
+            self.rows[ids[missing]] = packed.cpu().numpy()
+            self.filled[ids[missing]] = 1  # after the row: a row marked filled is whole
+        rows = torch.from_numpy(np.ascontiguousarray(self.rows[ids])).to(images.device)  # (B, width)
+        D, N = self.embed_dim, self.num_patches
+        return dict(
+            cls=rows[:, :D],  # (B, D)
+            patches=rows[:, D:D * (N + 1)].view(len(ids), N, D),  # (B, N, D)
+            attn=rows[:, D * (N + 1):],  # (B, N)
+        )
+
+    def flush(self) -> None:
+        self.rows.flush()
+        self.filled.flush()
 
 
 def _check_teacher_type(vit: nn.Module) -> None:
@@ -327,7 +391,7 @@ class Distiller(nn.Module):
 def train_step(
         distiller: nn.Module,
         teacher: DistillTeacher,
-        micro_batches: List[torch.Tensor],
+        micro_batches: List[Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]],
         optimizer: torch.optim.Optimizer,
         k: int,
         autocast: Any = contextlib.nullcontext,
@@ -336,20 +400,23 @@ def train_step(
 ) -> Dict[str, torch.Tensor]:
     """One optimiser update over `micro_batches` (gradient accumulation) with k patches.
 
+    A micro-batch is a (B, C, H, W) image tensor, or (images, (B,) dataset indices) when `teacher`
+    is a `TeacherTargetCache`, which reads the targets of images it has seen before.
     Returns the loss terms averaged over the micro-batches (detached tensors).
     """
     student = unwrap_model(distiller).student
     student.set_k(k=k)
     params = [p for p in student.parameters() if p.requires_grad]
     totals: Dict[str, torch.Tensor] = {}
-    for i, images in enumerate(micro_batches):
+    for i, batch in enumerate(micro_batches):
         last = i == len(micro_batches) - 1
+        images, indices = batch if isinstance(batch, (tuple, list)) else (batch, None)
         # DDP: all-reduce gradients only once, after the last micro-batch
         sync = distiller.no_sync() if isinstance(distiller, DistributedDataParallel) and not last \
             else contextlib.nullcontext()
         with sync:
             with autocast():
-                losses = distiller(images, teacher(images))
+                losses = distiller(images, teacher(images) if indices is None else teacher(images, indices))
             loss = losses['loss'] / len(micro_batches)
             if scaler is not None:
                 scaler(loss, optimizer, clip_grad=clip_grad, parameters=params, need_update=last)
@@ -389,11 +456,13 @@ class SeededImageDataset(Dataset):
 
     The augmentation of a sample thus depends on the sampler's seed only, not on which worker
     loads it or what it loaded before: an interrupted run resumes onto the very same batches.
+    With `with_indices`, an item is (image, index).
     """
 
-    def __init__(self, dataset: Dataset, transform: Any):
+    def __init__(self, dataset: Dataset, transform: Any, with_indices: bool = False):
         self.dataset = dataset
         self.transform = transform
+        self.with_indices = with_indices
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -403,7 +472,8 @@ class SeededImageDataset(Dataset):
         sample = self.dataset[index]
         image = sample[0] if isinstance(sample, (tuple, list)) else sample
         with _seeded_rngs(seed):
-            return self.transform(image)
+            image = self.transform(image)
+        return (image, index) if self.with_indices else image
 
 
 class ResumableSampler(Sampler):
@@ -452,9 +522,11 @@ def image_batches(
         num_replicas: int = 1,
         rank: int = 0,
         pin_memory: bool = False,
-) -> Iterator[torch.Tensor]:
+        with_indices: bool = False,
+) -> Iterator[Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]]:
     """Endless (batch_size, C, H, W) batches of this process's share of `dataset`, skipping the first
-    `start_batch` batches (exactly for map-style datasets, by whole epochs for streaming ones)."""
+    `start_batch` batches (exactly for map-style datasets, by whole epochs for streaming ones).
+    With `with_indices` (map-style datasets), each batch is (images, (batch_size,) dataset indices)."""
     loader_kwargs = dict(batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory)
     if isinstance(dataset, torch.utils.data.IterableDataset):
         if start_batch:
@@ -465,7 +537,8 @@ def image_batches(
     if len(dataset) == 0:
         raise ValueError('the dataset is empty')
     sampler = ResumableSampler(dataset, num_replicas, rank, seed, start=start_batch * batch_size)
-    yield from DataLoader(SeededImageDataset(dataset, transform), sampler=sampler, drop_last=True, **loader_kwargs)
+    yield from DataLoader(SeededImageDataset(dataset, transform, with_indices), sampler=sampler, drop_last=True,
+                          **loader_kwargs)
 
 
 # --------------------------------------------------------------------------------------------
@@ -485,7 +558,13 @@ def create_student(args: argparse.Namespace) -> LookWhere:
 
 def create_teacher(args: argparse.Namespace, student: LookWhere) -> VisionTransformer:
     """The teacher at the student's image size (timm resizes its position embeddings on load)."""
-    kwargs = dict(num_classes=0, img_size=student.patch_embed.img_size, **(args.teacher_kwargs or {}))
+    extra = dict(args.teacher_kwargs or {})
+    size = tuple(student.patch_embed.img_size)
+    if 'img_size' in extra and tuple(to_2tuple(extra['img_size'])) != size:
+        raise ValueError(
+            f'--teacher-kwargs img_size={extra["img_size"]} differs from the student\'s {size[0]}x{size[1]}: the '
+            f'teacher sees the student\'s images on the same patch grid. Set both with --img-size')
+    kwargs = dict(dict(num_classes=0, img_size=size), **extra)  # the classifier is never used: 0 unless asked
     if args.teacher_checkpoint:
         if not os.path.isfile(args.teacher_checkpoint):
             raise FileNotFoundError(f'--teacher-checkpoint {args.teacher_checkpoint} does not exist')
@@ -493,7 +572,15 @@ def create_teacher(args: argparse.Namespace, student: LookWhere) -> VisionTransf
     pretrained = not args.teacher_random_init
     if args.teacher_random_init:
         _logger.warning('The teacher is randomly initialised: use this for benchmarks only.')
-    teacher = timm.create_model(args.teacher, pretrained=pretrained, **kwargs)
+    try:
+        teacher = timm.create_model(args.teacher, pretrained=pretrained, **kwargs)
+    except LocalEntryNotFoundError as err:
+        cfg = get_pretrained_cfg(args.teacher)
+        repo = cfg.hf_hub_id if cfg is not None and cfg.hf_hub_id else args.teacher
+        raise RuntimeError(
+            f'could not get the teacher weights of {args.teacher} (Hugging Face Hub repo {repo}): no network and '
+            f'nothing in the local Hugging Face cache. Download them where there is network (`hf download {repo}`) '
+            f'and copy the cache, or pass a weights file: --teacher-checkpoint FILE (.pth or .safetensors)') from err
     if not isinstance(teacher, VisionTransformer):
         raise TypeError(f'--teacher must name a timm VisionTransformer, {args.teacher} builds {type(teacher).__name__}')
     return teacher
@@ -505,12 +592,12 @@ def create_data(args: argparse.Namespace, student: LookWhere) -> Tuple[Dataset, 
         batch_size=args.batch_size, seed=args.seed,
     )
     data_config = resolve_data_config(model=student)  # the student's normalisation and interpolation
-    augment = {} if args.no_aug else dict(AUGMENT, scale=tuple(args.scale))
-    transform = create_transform(
-        input_size=(3, *student.patch_embed.img_size), is_training=not args.no_aug, mean=data_config['mean'],
-        std=data_config['std'], crop_pct=1.0, **augment,
-    )
-    return dataset, transform
+    input_size = (3, *student.patch_embed.img_size)
+    norm = dict(mean=data_config['mean'], std=data_config['std'])
+    if args.no_aug:
+        return dataset, create_transform(input_size, is_training=False, crop_pct=1.0, **norm)
+    # the authors' augmentation, posterize kept black at 0 bits on Pillow >= 13 (see timm_lookwhere.augment)
+    return dataset, create_train_transform(input_size, augment=dict(scale=tuple(args.scale)), **norm)
 
 
 def _distributed(device: str) -> Dict[str, Any]:
@@ -545,6 +632,8 @@ def _validate_args(args: argparse.Namespace) -> None:
         raise ValueError('give --teacher-checkpoint or --teacher-random-init, not both')
     if not args.data_dir and not args.dataset:
         raise ValueError('give --data-dir (an image folder) or --dataset (e.g. hfds/NAME, wds/NAME)')
+    if args.teacher_cache and not args.no_aug:
+        raise ValueError('--teacher-cache keeps one set of targets per image, so it needs fixed inputs: add --no-aug')
 
 
 # --------------------------------------------------------------------------------------------
@@ -638,6 +727,26 @@ def _restore(path: str, args: argparse.Namespace, world_size: int, student: Look
     return state['step']
 
 
+def _to_device(batch, device: torch.device):
+    if isinstance(batch, (tuple, list)):  # (images, dataset indices): the indices stay on the CPU for the cache
+        return batch[0].to(device, non_blocking=True), batch[1]
+    return batch.to(device, non_blocking=True)
+
+
+def _cache_description(args: argparse.Namespace, student: LookWhere) -> Dict[str, Any]:
+    """What the cached targets depend on: a cache whose description differs is refused."""
+    checkpoint = None
+    if args.teacher_checkpoint:
+        stat = os.stat(args.teacher_checkpoint)
+        checkpoint = dict(path=os.path.realpath(args.teacher_checkpoint), bytes=stat.st_size, mtime=stat.st_mtime)
+    return dict(
+        teacher=args.teacher, teacher_checkpoint=checkpoint, teacher_kwargs=dict(args.teacher_kwargs or {}),
+        img_size=list(student.patch_embed.img_size), attn_queries=args.attn_queries,
+        data=os.path.realpath(args.data_dir) if args.data_dir else None, dataset=args.dataset, split=args.train_split,
+        amp=args.amp_dtype if args.amp else None,
+    )
+
+
 def _prepare_output(args: argparse.Namespace, start_step: int) -> None:
     os.makedirs(args.output, exist_ok=True)
     _truncate_metrics(os.path.join(args.output, 'metrics.jsonl'), start_step)
@@ -673,16 +782,22 @@ def train(args: argparse.Namespace) -> int:
         unused = min(args.cls_weight, args.patch_weight, args.map_weight) == 0
         distiller = DistributedDataParallel(distiller, find_unused_parameters=unused)
     dataset, transform = create_data(args, student)
+    targets = distill_teacher
+    if args.teacher_cache:
+        if isinstance(dataset, torch.utils.data.IterableDataset):
+            raise ValueError('--teacher-cache needs a map-style dataset (an image folder), not a streaming one')
+        targets = TeacherTargetCache(distill_teacher, args.teacher_cache, len(dataset), student.num_patches,
+                                     student.embed_dim, _cache_description(args, student))
     batches = image_batches(
         dataset, transform, args.batch_size, args.workers, args.seed, start_step * args.grad_accum,
-        world_size, rank, pin_memory=device.type == 'cuda')
+        world_size, rank, pin_memory=device.type == 'cuda', with_indices=bool(args.teacher_cache))
 
     if rank == 0:
         _prepare_output(args, start_step)
         _logger.info(
             f'Distilling {args.teacher} into {args.model}: {student.num_patches} patches, k in {list(k_range)}, '
             f'{args.batch_size * args.grad_accum * world_size} images per step on {world_size} process(es).')
-    _run(args, distiller, distill_teacher, optimizer, scheduler, scaler, autocast, batches, k_generator,
+    _run(args, distiller, targets, optimizer, scheduler, scaler, autocast, batches, k_generator,
          k_range, start_step, device, rank, world_size)
     if info['distributed']:
         dist.barrier()
@@ -701,7 +816,7 @@ def _run(args, distiller, teacher, optimizer, scheduler, scaler, autocast, batch
     for step in range(start_step + 1, args.steps + 1):
         scheduler.step_update(step - 1)  # sets this update's lr
         k = int(torch.randint(k_range[0], k_range[1] + 1, (1,), generator=k_generator))
-        micro_batches = [next(batches).to(device, non_blocking=True) for _ in range(args.grad_accum)]
+        micro_batches = [_to_device(next(batches), device) for _ in range(args.grad_accum)]
         losses = train_step(distiller, teacher, micro_batches, optimizer, k, autocast, scaler, args.clip_grad)
         progress.update(1)
         if step % args.log_every == 0 or step == args.steps:
@@ -718,6 +833,8 @@ def _run(args, distiller, teacher, optimizer, scheduler, scaler, autocast, batch
                 progress.set_postfix(
                     loss=f"{values['loss']:.4f}", cls=f"{values['loss_cls']:.4f}", patch=f"{values['loss_patch']:.4f}",
                     map=f"{values['loss_map']:.4f}", k=k, img_s=f"{record['images_per_sec']:.1f}")
+        if isinstance(teacher, TeacherTargetCache) and (step % args.save_every == 0 or step == args.steps):
+            teacher.flush()
         if is_main and (step % args.save_every == 0 or step == args.steps):
             state = _checkpoint(step, student, optimizer, scaler, k_generator, args, world_size)
             _save(state, os.path.join(args.output, 'last.pth'))
@@ -756,6 +873,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                                                      'wds/NAME, tfds/NAME, hfids/NAME')
     group.add_argument('--train-split', default='train', help='dataset split (default: %(default)s)')
     group.add_argument('--no-aug', action='store_true', help='resize only: no crop, RandAugment, flips or erasing')
+    group.add_argument('--teacher-cache', default=None, metavar='DIR',
+                       help="with --no-aug: keep each image's teacher targets in DIR (float32, about "
+                            "4 * (patches + 1) * width bytes per image) and compute them only once")
     group.add_argument('--scale', type=float, nargs=2, default=(0.08, 1.0), metavar=('MIN', 'MAX'),
                        help='RandomResizedCrop area range (default: 0.08 1.0)')
     group.add_argument('--workers', type=int, default=4, help='data loading processes per process (default: 4)')
