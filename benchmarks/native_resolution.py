@@ -8,17 +8,19 @@ At each size (H x W, multiples of 14), models taking turns call by call:
   - timm's `vit_base_patch14_reg4_dinov2` with dynamic_img_size=True on every patch, where a call costs
     at most --max-vit-tflop (its attention grows with the square of the patches);
 at each k_ratio, with the classification output (cls) and the dense one (forward_dense). Memory is
-the peak one call adds, measured in a fresh process per configuration (resident memory on the CPU,
-the allocator's on a GPU), beside the bytes of the model's own parameters. Weights are random (speed
-does not depend on them). Writes native_resolution.{json,md,png} to --out.
+measured in a fresh process per configuration, the median of --memory-probes of them: the peak a
+call adds, and the process's peak during it, the model's parameters included (resident memory on the
+CPU, the allocator's on a GPU). Weights are random (speed does not depend on them). Writes
+native_resolution.{json,md,png} to --out.
 
-    python benchmarks/native_resolution.py                   # 5 sizes up to 2156x3836, about 35 min on 2 cores
+    python benchmarks/native_resolution.py                   # 5 sizes up to 2156x3836, about 40 min on 2 cores
     python benchmarks/native_resolution.py --quick           # 518 px and 4K at k_ratio 0.01, about 4 min
     python benchmarks/native_resolution.py --device cuda --amp
 """
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -49,6 +51,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         help="timm's full ViT only where a call costs at most this (default: %(default)s)")
     parser.add_argument('--memory', action=argparse.BooleanOptionalAction, default=True,
                         help='probe the peak memory of each configuration (default: yes)')
+    parser.add_argument('--memory-probes', type=int, default=3,
+                        help='fresh processes per configuration whose median memory is reported (default: 3)')
     parser.add_argument('--quick', action='store_true', help='518x518 and 2156x3836 at k_ratio 0.01, cls, 2 reps')
     parser.add_argument('--tiny', action='store_true', help='a tiny random architecture: checks the script only')
     parser.add_argument('--threads', type=int, help="torch.set_num_threads (default: torch's own)")
@@ -124,14 +128,19 @@ def memory_child(spec: str) -> None:
     print(json.dumps(result))
 
 
-def measure_memory(kind: str, size, k_ratio, output: str, args: argparse.Namespace) -> Optional[float]:
+def measure_memory(kind: str, size, k_ratio, output: str, args: argparse.Namespace) -> Optional[Dict[str, float]]:
+    """Median over --memory-probes fresh processes: `call` (MB one call adds) and `process` (its peak)."""
     child_args = dict(device=args.device, amp=args.amp, tiny=args.tiny, threads=args.threads)
     spec = json.dumps(dict(kind=kind, size=list(size), k_ratio=k_ratio, output=output, args=child_args))
-    proc = subprocess.run([sys.executable, __file__, '--memory-child', spec], capture_output=True, text=True)
-    if proc.returncode != 0:
-        log(f'memory probe failed for {kind} {size}: {proc.stderr.strip().splitlines()[-1:]}')
-        return None
-    return json.loads(proc.stdout.strip().splitlines()[-1])['peak_mb']
+    probes = []
+    for _ in range(args.memory_probes):
+        proc = subprocess.run([sys.executable, __file__, '--memory-child', spec], capture_output=True, text=True)
+        if proc.returncode != 0:
+            log(f'memory probe failed for {kind} {size}: {proc.stderr.strip().splitlines()[-1:]}')
+            return None
+        probes.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    return dict(call=statistics.median(p['peak_mb'] for p in probes),
+                process=statistics.median(p['process_peak_mb'] for p in probes))
 
 
 def timed(call: Callable, x: torch.Tensor, args: argparse.Namespace) -> float:
@@ -146,6 +155,7 @@ def timed(call: Callable, x: torch.Tensor, args: argparse.Namespace) -> float:
 def run(args: argparse.Namespace) -> Dict[str, object]:
     if args.threads:
         torch.set_num_threads(args.threads)
+    info = machine_info(args)  # before the first model, so its load average is the machine's, not ours
     dynamic = build('dynamic', args.sizes[0], args)
     vit = None
     rows = []
@@ -169,10 +179,10 @@ def run(args: argparse.Namespace) -> Dict[str, object]:
                            dynamic_over_fixed=spread([d / f for d, f in zip(samples['dynamic'], samples['fixed'])]),
                            params_mb=dict(dynamic=parameter_mb(dynamic), fixed=parameter_mb(fixed)))
                 if args.memory:
-                    row['call_peak_mb'] = {kind: measure_memory(kind, size, k_ratio, output, args) for kind in calls}
+                    row['memory_mb'] = {kind: measure_memory(kind, size, k_ratio, output, args) for kind in calls}
                 log(f"{size[0]}x{size[1]} k_ratio {k_ratio:g} {output}: dynamic {row['dynamic']['median']:.3f} s, "
                     f"fixed {row['fixed']['median']:.3f} s, ratio {row['dynamic_over_fixed']['median']:.3f}"
-                    + (f", call peak MB {row['call_peak_mb']}" if args.memory else ''))
+                    + (f", memory MB {row['memory_mb']}" if args.memory else ''))
                 rows.append(row)
         del fixed
         cost = vit_tflop(size, args)
@@ -183,13 +193,12 @@ def run(args: argparse.Namespace) -> Dict[str, object]:
             row = dict(size=list(size), megapixels=size[0] * size[1] / 1e6, patches=patches, model='vit',
                        tflop=cost, seconds=spread(seconds), params_mb=parameter_mb(vit))
             if args.memory:
-                row['call_peak_mb'] = measure_memory('vit', size, None, 'cls', args)
+                row['memory_mb'] = measure_memory('vit', size, None, 'cls', args)
             log(f"{size[0]}x{size[1]} timm ViT-B: {row['seconds']['median']:.2f} s")
         else:
             row = dict(size=list(size), megapixels=size[0] * size[1] / 1e6, patches=patches, model='vit',
                        tflop=cost, skipped=f'{cost:.1f} TFLOP per call, over --max-vit-tflop {args.max_vit_tflop:g}')
         rows.append(row)
-    info = machine_info(args)
     info['load_average_end'] = list(os.getloadavg())
     return dict(machine=info, command='python benchmarks/native_resolution.py ' + ' '.join(sys.argv[1:]), rows=rows)
 
@@ -208,33 +217,36 @@ def to_markdown(results: Dict[str, object]) -> str:
         f"the start, {m['load_average_end'][0]:.1f} at the end. Batch 1, median of the timed calls (min-max).",
         '',
         '| size (H x W) | MP | patches | k_ratio (k) | output | dynamic model | fixed-size model | dynamic / fixed '
-        '| call peak MB, dynamic / fixed | parameters MB, dynamic / fixed |',
-        '|---|---:|---:|---|---|---:|---:|---:|---:|---:|',
+        '| process peak MB, dynamic / fixed | of which the call, dynamic / fixed | parameters MB, dynamic / fixed |',
+        '|---|---:|---:|---|---|---:|---:|---:|---:|---:|---:|',
     ]
     for row in results['rows']:
         if row.get('model') == 'vit':
             continue
-        peak = row.get('call_peak_mb') or {}
+        memory = row.get('memory_mb') or {}
         ratio = row['dynamic_over_fixed']
         lines.append(
             f"| {row['size'][0]} x {row['size'][1]} | {row['megapixels']:.2f} | {row['patches']} "
-            f"| {row['k_ratio']:g} ({row['k']}) | {row['output']} | {seconds(row['dynamic'])} | {seconds(row['fixed'])} "
+            f"| {row['k_ratio']:g} ({row['k']}) | {row['output']} | {seconds(row['dynamic'])} "
+            f"| {seconds(row['fixed'])} "
             f"| {ratio['median']:.3f} ({ratio['min']:.3f}-{ratio['max']:.3f}) "
-            f"| {megabytes(peak.get('dynamic'))} / {megabytes(peak.get('fixed'))} "
+            f"| {megabytes(memory.get('dynamic'), 'process')} / {megabytes(memory.get('fixed'), 'process')} "
+            f"| {megabytes(memory.get('dynamic'), 'call')} / {megabytes(memory.get('fixed'), 'call')} "
             f"| {row['params_mb']['dynamic']:.0f} / {row['params_mb']['fixed']:.0f} |")
     lines += ['', "timm's ViT-B/14 (dynamic_img_size=True) on every patch:", '',
-              '| size (H x W) | patches | TFLOP / call | time | call peak MB |', '|---|---:|---:|---:|---:|']
+              '| size (H x W) | patches | TFLOP / call | time | process peak MB | of which the call |',
+              '|---|---:|---:|---:|---:|---:|']
     for row in results['rows']:
         if row.get('model') != 'vit':
             continue
         time_cell = seconds(row['seconds']) if 'seconds' in row else f"skipped: {row['skipped']}"
         lines.append(f"| {row['size'][0]} x {row['size'][1]} | {row['patches']} | {row['tflop']:.2f} | {time_cell} "
-                     f"| {megabytes(row.get('call_peak_mb'))} |")
+                     f"| {megabytes(row.get('memory_mb'), 'process')} | {megabytes(row.get('memory_mb'), 'call')} |")
     return '\n'.join(lines) + '\n'
 
 
-def megabytes(value: Optional[float]) -> str:
-    return '' if value is None else f'{value:.0f}'
+def megabytes(memory: Optional[Dict[str, float]], which: str) -> str:
+    return '' if memory is None else f'{memory[which]:.0f}'
 
 
 def seconds(value: Dict[str, float]) -> str:
@@ -249,6 +261,7 @@ def plot(results: Dict[str, object], path: Path) -> None:
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
+    import matplotlib.ticker  # noqa: F401  (the tick formats below)
     rows = results['rows']
     fig, ax = plt.subplots(figsize=(7, 4.8), dpi=120)
     ratios = sorted({r['k_ratio'] for r in rows if 'k_ratio' in r})
@@ -269,6 +282,10 @@ def plot(results: Dict[str, object], path: Path) -> None:
     ax.plot([], [], 'x', color='grey', label='LookWhere built for that size (fixed)')
     ax.set_xscale('log')
     ax.set_yscale('log')
+    ax.set_xticks([0.25, 0.5, 1, 2, 4, 8])
+    ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+    for axis in (ax.xaxis, ax.yaxis):
+        axis.set_major_formatter(matplotlib.ticker.FormatStrFormatter('%g'))
     ax.set_xlabel('megapixels per image')
     ax.set_ylabel('seconds per image (batch 1)')
     where = results['machine'].get('gpu') or f"{results['machine']['torch_threads']}-thread CPU"

@@ -15,7 +15,7 @@ and reports, for each, the share of the sign's patches among the k chosen (k = k
 scene's patches), its paired difference from the authors' op on the same scenes with a 95% interval,
 and the model's accuracy.
 
-    python benchmarks/selector_resize.py                      # 500 scenes per size, about 4 min on 2 cores
+    python benchmarks/selector_resize.py                      # 500 scenes at 256-2048 px, about 12 min on 2 cores
     python benchmarks/selector_resize.py --scenes 50 --sizes 256 512 --output /tmp/resize
 """
 import argparse
@@ -145,9 +145,10 @@ def table(results: Dict, args) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--scenes', type=int, default=500, help='test scenes per size (default: %(default)s)')
-    parser.add_argument('--sizes', type=int, nargs='+', default=[256, 512, 1024],
+    parser.add_argument('--sizes', type=int, nargs='+', default=[256, 512, 1024, 2048],
                         help='scene sides in px, multiples of 16 (default: %(default)s)')
-    parser.add_argument('--k-ratio', type=float, default=0.05, help='share of the patches chosen (default: %(default)s)')
+    parser.add_argument('--k-ratio', type=float, default=0.05,
+                        help='share of the patches chosen (default: %(default)s)')
     parser.add_argument('--batch-size', type=int, default=25)
     parser.add_argument('--workers', type=int, default=2, help='scene-generating processes (default: %(default)s)')
     parser.add_argument('--output', default='benchmarks/results', help='folder for selector_resize.{md,json}')

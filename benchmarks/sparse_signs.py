@@ -29,15 +29,17 @@ Stages:
               resolution whose FLOPs match LookWhere at k = 5%
     export    fp16 safetensors of LookWhere and of the teacher (`--ship` copies them into the package)
     evaluate  on the held-out test scenes, from the exported files: accuracy, GFLOPs (attention
-              counted), CPU latency at batch 1 and 64, and random selection at the same k (a forward
-              hook on `model.topk` replaces LookWhere's choice)
+              counted), CPU latency at batch 1 and 64, random selection at the same k (a forward
+              hook on `model.topk` replaces LookWhere's choice), and an oracle that takes the patches
+              under the sign first (what the extractor could do with a perfect selector)
 
 Every stage keeps its output in --output and is skipped when it is there, and the long ones save
 their state every few minutes, so a stopped run goes on where it stopped. Progress goes to the console
-and OUTPUT/run.log. A lever (one setting changed, see `--set`) runs in its own folder that shares the
-data and the teacher of a first run (`--share-from`); `--lever-table` compares such runs.
+and OUTPUT/run.log. A lever (one setting changed, see `--set`) runs in its own folder and only the
+stages it affects, sharing the other stages' outputs with a first run (`--share-from`);
+`--lever-table` compares such runs.
 
-    python benchmarks/sparse_signs.py --output runs/sparse_signs_512 --ship        # about 4 h on 2 cores
+    python benchmarks/sparse_signs.py --output runs/sparse_signs_512 --ship        # about 2 h on 2 cores
     python benchmarks/sparse_signs.py --config 256 --output runs/sparse_signs --ship    # about 1 h
     python benchmarks/sparse_signs.py --output runs/ss512_map03 --share-from runs/sparse_signs_512 \\
         --stages distill --set map_weight=0.3                                      # one lever
@@ -76,8 +78,9 @@ from timm.scheduler import create_scheduler_v2
 import timm_lookwhere  # noqa: F401  (registers the models)
 from timm_lookwhere import SelectionRecorder
 from timm_lookwhere.cost import count_flops, median_latency_ms
-from timm_lookwhere.data import AREA_RANGE, CLASS_NAMES, WIDE_AREA_RANGE, SparseSigns, sign_patches_seen, \
-    write_image_folder
+from timm_lookwhere.data import AREA_RANGE, CLASS_NAMES, WIDE_AREA_RANGE, SparseSigns, patches_under_box, \
+    sign_patches_seen, write_image_folder
+from timm_lookwhere.distill import DistillTeacher
 from timm_lookwhere.lookwhere import SHIPPED_TEACHER_FILES, TEACHER_BASE, create_teacher, dense_counterpart_kwargs
 
 _logger = logging.getLogger('sparse_signs')
@@ -85,7 +88,6 @@ _logger = logging.getLogger('sparse_signs')
 TAG = 'sparse_signs'
 K_RATIOS = (0.02, 0.05, 0.10)
 STAGES = ('data', 'teacher', 'distill', 'finetune', 'lowres', 'export', 'evaluate')
-SHARED_STAGES = ('data', 'teacher')  # what --share-from links
 MEAN = torch.tensor(IMAGENET_DEFAULT_MEAN).view(1, 3, 1, 1)
 STD = torch.tensor(IMAGENET_DEFAULT_STD).view(1, 3, 1, 1)
 SAVE_EVERY_S = 300  # a long stage saves its state this often
@@ -237,7 +239,8 @@ def load_split(out: str, cfg: RunConfig, split: str, num: int, workers: int, see
         images.flush()
         del images
         os.replace(images_path + '.tmp', images_path)
-        torch.save(dict(labels=torch.cat(labels), boxes=torch.cat(boxes)), meta_path)  # written last: the split is whole
+        # written last: a split with its meta file is whole
+        torch.save(dict(labels=torch.cat(labels), boxes=torch.cat(boxes)), meta_path)
     meta = torch.load(meta_path)
     images = torch.from_numpy(np.memmap(images_path, dtype=np.uint8, mode='r', shape=shape))
     return dict(images=images, **meta)
@@ -353,7 +356,8 @@ class PatchSupervisedViT(nn.Module):
 
     def forward(self, x: torch.Tensor, rows: Optional[torch.Tensor] = None, cols: Optional[torch.Tensor] = None):
         feats = self.vit.forward_features(x) if rows is None else window_features(self.vit, x, rows, cols)
-        return self.vit.forward_head(feats), self.patch_head(feats[:, self.vit.num_prefix_tokens:])  # (B, C), (B, N, C+1)
+        patches = feats[:, self.vit.num_prefix_tokens:]
+        return self.vit.forward_head(feats), self.patch_head(patches)  # (B, C), (B, N, C+1)
 
 
 def patch_targets(boxes: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
@@ -393,7 +397,8 @@ def cached_batches(data: Dict[str, torch.Tensor], batch_size: int, generator: to
     `generator`; `crop(images, index, boxes)` cuts the drawn uint8 images itself (a window needs a
     fraction of a scene's pixels) and returns them with extra items for the batch."""
     while True:
-        index = torch.randint(len(data['labels']), (batch_size,), generator=generator).sort().values  # sorted: mmap reads
+        index = torch.randint(len(data['labels']), (batch_size,), generator=generator)
+        index = index.sort().values  # in file order: the memory-mapped cache reads forward
         labels, boxes = data['labels'][index], data['boxes'][index]
         if crop is None:
             yield normalize(data['images'][index]), labels, boxes
@@ -548,9 +553,12 @@ def stage_distill(args, cfg: RunConfig) -> None:
     model = create_lookwhere(cfg, pretrained=True, num_classes=0, pretrained_cfg_overlay=dict(file=last)).eval()
     val = load_split(args.output, cfg, 'val', cfg.val_images, args.workers)
     seen = selector_sign_patches_seen(model, val)
+    target = target_sign_patches_seen(cfg, args.output, val)
     _logger.info('distilled selector, sign patches chosen on val: '
-                 + ', '.join(f'{k} {100 * v:.1f}%' for k, v in seen.items()))
-    write_json(os.path.join(folder, 'val.json'), dict(sign_patches_seen=seen))
+                 + ', '.join(f'{k} {100 * v:.1f}%' for k, v in seen.items())
+                 + '; by the teacher attention it learned from: '
+                 + ', '.join(f'{k} {100 * v:.1f}%' for k, v in target.items()))
+    write_json(os.path.join(folder, 'val.json'), dict(sign_patches_seen=seen, target_sign_patches_seen=target))
 
 
 def selector_sign_patches_seen(model: nn.Module, data: Dict[str, torch.Tensor]) -> Dict[str, float]:
@@ -564,6 +572,21 @@ def selector_sign_patches_seen(model: nn.Module, data: Dict[str, torch.Tensor]) 
                                 for i in range(0, len(data['labels']), 64)])
             out[f'k={ratio:.0%}'] = sign_patches_seen(chosen, data['boxes'], grid, patch).mean().item()
     return out
+
+
+def target_sign_patches_seen(cfg: RunConfig, out: str, data: Dict[str, torch.Tensor]) -> Dict[str, float]:
+    """The same share for the top k of the selector's target, the teacher's attention (`attn_queries`):
+    what a selector that learned its target perfectly would choose."""
+    teacher = DistillTeacher(build_teacher(cfg, file=os.path.join(out, 'teacher', 'model.pth')), cfg.attn_queries)
+    grid, patch = teacher.vit.patch_embed.grid_size, teacher.vit.patch_embed.patch_size[0]
+    with torch.no_grad():
+        logits = torch.cat([teacher(normalize(data['images'][i:i + 64]))['attn']
+                            for i in range(0, len(data['labels']), 64)])  # (B, N)
+    shares = {}
+    for ratio in K_RATIOS:
+        chosen = logits.topk(max(1, int(ratio * logits.shape[1])), dim=1).indices  # (B, k)
+        shares[f'k={ratio:.0%}'] = sign_patches_seen(chosen, data['boxes'], grid, patch).mean().item()
+    return shares
 
 
 def _distilled(cfg: RunConfig, out: str) -> nn.Module:
@@ -665,6 +688,25 @@ def random_selection(model: nn.Module, seed: int = 0):
     return model.topk.register_forward_hook(hook)
 
 
+def sign_first_selection(model: nn.Module, boxes: torch.Tensor, patch: int):
+    """A forward hook on `model.topk` that chooses the patches under each scene's sign box first, then the
+    selector's own top scores: what the extractor could do with a perfect selector (an oracle, for
+    finding what bounds the accuracy). The scenes must come in order, as `predict` gives them."""
+    grid = model.grid_size
+    under = torch.zeros(len(boxes), grid[0] * grid[1], dtype=torch.bool)  # (n, N)
+    for i, box in enumerate(boxes.tolist()):
+        under[i, list(patches_under_box(box, grid, patch))] = True
+    cursor = [0]
+
+    def hook(topk, args, indices):
+        scores = args[0]  # (B, N)
+        first = under[cursor[0]:cursor[0] + len(scores)]
+        cursor[0] += len(scores)
+        ranked = scores.softmax(dim=1) + first.to(scores.dtype)  # sign patches above every other
+        return ranked.topk(indices.shape[1], dim=1).indices
+    return model.topk.register_forward_hook(hook)
+
+
 def latencies(models: Dict[str, nn.Module], runs: int, batch_size: int, img_size: int) -> Dict[str, float]:
     """Median ms per forward of each model on the same random batch, the models taking turns."""
     for model in models.values():
@@ -690,17 +732,20 @@ def stage_evaluate(args, cfg: RunConfig) -> Dict[str, Any]:
                      acc=accuracy(lowres, test), gflops=gflops(lowres, cfg.img_size)))
     timed = dict(teacher=teacher, lowres=lowres)
     for ratio in K_RATIOS:
-        model = create_lookwhere(cfg, pretrained=True, num_classes=num_classes, k_ratio=ratio, pretrained_cfg_overlay=dict(
-            file=export_path(args.output, cfg, 'finetune'))).eval()
-        for selection in ('LookWhere', 'random'):
+        overlay = dict(file=export_path(args.output, cfg, 'finetune'))
+        model = create_lookwhere(cfg, pretrained=True, num_classes=num_classes, k_ratio=ratio,
+                                 pretrained_cfg_overlay=overlay).eval()
+        for selection in ('LookWhere', 'random', 'oracle'):
             _logger.info(f'evaluating {selection} selection at k={ratio:.0%}')
-            handle = random_selection(model) if selection == 'random' else None
+            handle = random_selection(model) if selection == 'random' else \
+                sign_first_selection(model, test['boxes'], patch) if selection == 'oracle' else None
             with SelectionRecorder(model) as rec:
                 acc = accuracy(model, test)
             if handle is not None:
                 handle.remove()
             indices = torch.cat([r['indices'] for r in rec.records])
-            rows.append(dict(model=f'{selection} selection, k = {ratio:.0%}', patches=model.k, acc=acc,
+            label = f'{selection} selection' + (" (the sign's patches first)" if selection == 'oracle' else '')
+            rows.append(dict(model=f'{label}, k = {ratio:.0%}', patches=model.k, acc=acc,
                              gflops=gflops(model, cfg.img_size),
                              sign_seen=sign_patches_seen(indices, test['boxes'], model.grid_size, patch).mean().item()))
         timed[f'k={ratio:.0%}'] = model
@@ -746,15 +791,18 @@ def results_table(results: Dict[str, Any]) -> str:
 
 
 def plot_results(results: Dict[str, Any], path: str) -> None:
-    """Accuracy against GFLOPs: LookWhere and random selection as k grows, the teacher, the low-res ViT."""
+    """Accuracy against GFLOPs: LookWhere, random and oracle selection as k grows, the teacher, the low-res ViT."""
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
     rows = results['rows']
     fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
     for prefix, style, label in (('LookWhere', 'o-', 'LookWhere (k = 2, 5, 10%)'),
-                                 ('random', 's--', 'random patches (k = 2, 5, 10%)')):
+                                 ('random', 's--', 'random patches (k = 2, 5, 10%)'),
+                                 ('oracle', '^:', "the sign's patches first (oracle)")):
         sel = [r for r in rows if r['model'].startswith(prefix)]
+        if not sel:  # results from before the oracle rows
+            continue
         ax.plot([r['gflops'] for r in sel], [100 * r['acc'] for r in sel], style, label=label)
     ax.plot(rows[0]['gflops'], 100 * rows[0]['acc'], '*', markersize=14, label=rows[0]['model'])
     ax.plot(rows[1]['gflops'], 100 * rows[1]['acc'], 'D', markersize=8, label=rows[1]['model'])
@@ -779,15 +827,18 @@ def lever_table(folders: Sequence[str]) -> str:
     def read(path: str) -> Dict[str, Any]:
         return json.load(open(path)) if os.path.exists(path) else {}
 
-    lines = ['| run | changed | selector: sign patches chosen at 2 / 5 / 10% | LookWhere val acc at 2 / 5 / 10% |',
-             '|---|---|---|---|']
+    lines = ['| run | changed | sign patches chosen at 2 / 5 / 10%: selector | by its target | '
+             'LookWhere val acc at 2 / 5 / 10% |',
+             '|---|---|---|---|---|']
     for folder in folders:
         run = read(os.path.join(folder, 'run.json'))
         changed = ', '.join(f'{k}={v}' for k, v in run.get('overrides', {}).items()) or 'the configuration as is'
-        seen = read(os.path.join(folder, 'distill', 'val.json')).get('sign_patches_seen', {})
+        distilled = read(os.path.join(folder, 'distill', 'val.json'))
+        seen, target = distilled.get('sign_patches_seen', {}), distilled.get('target_sign_patches_seen', {})
         acc = read(os.path.join(folder, 'finetune', 'val.json')).get('val_accuracy', {})
         fmt = lambda d: ' / '.join(f'{100 * d[k]:.1f}' for k in sorted(d, key=lambda k: float(k[2:-1]))) or '-'  # noqa
-        lines.append(f'| {os.path.basename(os.path.normpath(folder))} | {changed} | {fmt(seen)} | {fmt(acc)} |')
+        lines.append(f'| {os.path.basename(os.path.normpath(folder))} | {changed} | {fmt(seen)} | {fmt(target)} '
+                     f'| {fmt(acc)} |')
     return '\n'.join(lines)
 
 
@@ -806,12 +857,15 @@ def apply_overrides(cfg: RunConfig, pairs: Sequence[str]) -> Tuple[RunConfig, Di
     return dataclasses.replace(cfg, **overrides), overrides
 
 
-def share_stages(out: str, source: str) -> None:
-    """Link the data and teacher of another run into this one (its caches included)."""
-    for name in ('cache', 'data', 'teacher'):
+def share_stages(out: str, source: str, stages: Sequence[str]) -> None:
+    """Link into this run the outputs of another run's stages before the first one this run runs (a
+    lever changes one setting and redoes only what it affects); the scene caches go with the data."""
+    first = min(STAGES.index(stage) for stage in stages)
+    needed = [name for name in ('data', 'teacher', 'distill', 'finetune', 'lowres') if STAGES.index(name) < first]
+    for name in ['cache'] * ('data' in needed) + needed:
         src, dst = os.path.abspath(os.path.join(source, name)), os.path.join(out, name)
         if not os.path.exists(src):
-            raise FileNotFoundError(f'--share-from {source} has no {name}/: run its data and teacher stages first')
+            raise FileNotFoundError(f'--share-from {source} has no {name}/: run its {name} stage first')
         if not os.path.lexists(dst):
             os.symlink(src, dst)
 
@@ -843,7 +897,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument('--set', nargs='+', default=[], metavar='KEY=VALUE',
                         help='change settings of the configuration (a lever), e.g. map_weight=0.3')
     parser.add_argument('--share-from', default=None, metavar='DIR',
-                        help="use DIR's data and teacher (symlinks) instead of making them again")
+                        help="use DIR's outputs (symlinks) of the stages before the first one this run runs")
     parser.add_argument('--lever-table', nargs='+', default=None, metavar='DIR',
                         help='print the validation figures of these runs side by side, and stop')
     parser.add_argument('--ship', action='store_true',
@@ -873,7 +927,7 @@ def main(argv=None) -> int:
     cfg, overrides = apply_overrides(CONFIGS[args.config]['tiny' if args.tiny else 'full'], args.set)
     write_json(os.path.join(args.output, 'run.json'), dict(config=args.config, tiny=args.tiny, overrides=overrides))
     if args.share_from:
-        share_stages(args.output, args.share_from)
+        share_stages(args.output, args.share_from, args.stages.split(','))
     torch.set_num_threads(args.threads)
     os.environ['OMP_NUM_THREADS'] = str(args.threads)  # the distillation subprocess too
     timings_path = os.path.join(args.output, 'timings.json')

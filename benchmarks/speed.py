@@ -183,7 +183,8 @@ def plan_groups(args: argparse.Namespace) -> List[Group]:
         if size == args.sizes[0] and args.train_batch:
             k = args.train_k_ratio
             groups.append(Group('train', size, args.train_batch,
-                                [Candidate('vit', size), Candidate('lookwhere', size, k), Candidate('lowres', size, k)]))
+                                [Candidate('vit', size), Candidate('lookwhere', size, k),
+                                 Candidate('lowres', size, k)]))
     for size in args.lookwhere_only_sizes:
         for batch in args.batches:
             cands = [Candidate('lookwhere', size, k) for k in args.lookwhere_only_k_ratios]
@@ -348,7 +349,9 @@ def peak_rss_growth_mb(run: Callable[[], object]) -> Dict[str, object]:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         return dict(peak_mb=peak / 1024, method='ru_maxrss of the process (upper bound)')
     run()
-    return dict(peak_mb=(_read_status_kib('VmHWM') - before) / 1024, method=method)
+    peak = _read_status_kib('VmHWM')
+    # the process's own peak too: the model's parameters and the call's working memory together
+    return dict(peak_mb=(peak - before) / 1024, process_peak_mb=peak / 1024, method=method)
 
 
 def cuda_peak_growth_mb(run: Callable[[], object], device: str) -> Dict[str, object]:
@@ -358,7 +361,8 @@ def cuda_peak_growth_mb(run: Callable[[], object], device: str) -> Dict[str, obj
     before = torch.cuda.memory_allocated(device)
     run()
     synchronize(device)
-    return dict(peak_mb=(torch.cuda.max_memory_allocated(device) - before) / 2 ** 20,
+    peak = torch.cuda.max_memory_allocated(device)
+    return dict(peak_mb=(peak - before) / 2 ** 20, process_peak_mb=peak / 2 ** 20,
                 method='max_memory_allocated - memory_allocated (CUDA)')
 
 
@@ -654,7 +658,8 @@ def run(args: argparse.Namespace, command: str) -> Dict[str, object]:
     for i, group in enumerate(groups):
         flops, skip = plan_flops(group, meta_zoo, args)
         log(f'{group.title}: {len(group.candidates) - len(skip)} models, '
-            f'{planned_tflop(group, flops, skip, args):.1f} TFLOP to run' + (f', skipped: {sorted(skip)}' if skip else ''))
+            f'{planned_tflop(group, flops, skip, args):.1f} TFLOP to run'
+            + (f', skipped: {sorted(skip)}' if skip else ''))
         for cand in group.candidates:
             log(f'    {cand.key}: {flops[cand.key]["total"] / 1e12:.2f} TFLOP per call')
         if args.dry_run:

@@ -37,7 +37,8 @@ def test_the_full_plan_measures_every_target_of_the_issue():
     groups = speed.plan_groups(speed.parse_args([]))
     for target in speed.TARGETS:
         output = 'dense' if target['metric'] == 'dense_over_cls' else 'cls'
-        group = next(g for g in groups if (g.task, g.size, g.batch) == (target['task'], target['size'], target['batch']))
+        where = (target['task'], target['size'], target['batch'])
+        group = next(g for g in groups if (g.task, g.size, g.batch) == where)
         keys = {c.key for c in group.candidates}
         assert speed.Candidate('lookwhere', target['size'], target['k_ratio'], output).key in keys
         if target['metric'] in ('speedup', 'dense_over_cls'):
@@ -121,8 +122,8 @@ def test_bfloat16_autocast_runs_the_models_in_bfloat16(tmp_path):
 
 def test_native_resolution_times_one_dynamic_model_beside_fixed_ones_and_plots_it(tmp_path):
     import native_resolution
-    results = native_resolution.main(['--tiny', '--sizes', '112x112', '140x252', '--k-ratios', '0.25',
-                                      '--outputs', 'cls', 'dense', '--reps', '1', '--no-memory', '--out', str(tmp_path)])
+    results = native_resolution.main(['--tiny', '--sizes', '112x112', '140x252', '--k-ratios', '0.25', '--outputs',
+                                      'cls', 'dense', '--reps', '1', '--no-memory', '--out', str(tmp_path)])
     rows = [r for r in results['rows'] if r.get('model') != 'vit']
     assert [(tuple(r['size']), r['output']) for r in rows] == [
         ((112, 112), 'cls'), ((112, 112), 'dense'), ((140, 252), 'cls'), ((140, 252), 'dense')]
@@ -132,8 +133,9 @@ def test_native_resolution_times_one_dynamic_model_beside_fixed_ones_and_plots_i
     assert len(vit) == 2 and all('seconds' in r for r in vit)
     assert (tmp_path / 'native_resolution.png').read_bytes()[:4] == b'\x89PNG'
     assert '| 140 x 252 | 0.04 | 180 | 0.25 (45) | dense |' in (tmp_path / 'native_resolution.md').read_text()
-    args = native_resolution.parse_args(['--tiny'])
-    assert native_resolution.measure_memory('dynamic', (140, 252), 0.25, 'dense', args) > 0
+    args = native_resolution.parse_args(['--tiny', '--memory-probes', '2'])
+    memory = native_resolution.measure_memory('dynamic', (140, 252), 0.25, 'dense', args)
+    assert 0 < memory['call'] < memory['process']  # the process holds the model, and torch, besides the call
 
 
 def test_native_resolution_sizes_must_be_whole_patches():

@@ -208,8 +208,8 @@ def test_layer_decay_weight_decay_and_grad_checkpointing(images):
     group_of = {id(p): g for g in opt.param_groups for p in g['params']}
     assert set(group_of) == {id(p) for p in model.parameters() if p.requires_grad}  # the frozen selector is out
     assert len({g['lr_scale'] for g in opt.param_groups}) == 4  # stem, 2 blocks, head/norm
-    stem, block0, head = (group_of[id(p)] for p in (model.pos_embed, model.blocks[0].attn.qkv.weight,
-                                                     model.head.weight))
+    params = (model.pos_embed, model.blocks[0].attn.qkv.weight, model.head.weight)
+    stem, block0, head = (group_of[id(p)] for p in params)
     assert stem['lr_scale'] < block0['lr_scale'] < head['lr_scale'] == 1.0
     assert stem['weight_decay'] == 0 and block0['weight_decay'] == 0.05
 

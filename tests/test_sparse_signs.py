@@ -84,13 +84,19 @@ def test_tiny_run_goes_through_every_stage_and_writes_the_table_and_plot(config,
     assert names[0].startswith('full-res teacher') and names[1].startswith('low-res ViT')
     assert sum(n.startswith('LookWhere selection') for n in names) == 3
     assert sum(n.startswith('random selection') for n in names) == 3
+    by_k = lambda prefix: [row['sign_seen'] for row in results['rows'] if row['model'].startswith(prefix)]  # noqa
+    oracle, chosen, random = by_k('oracle selection'), by_k('LookWhere selection'), by_k('random selection')
+    assert len(oracle) == 3 and all(o >= max(c, r) for o, c, r in zip(oracle, chosen, random))
+    if config == '512':
+        assert oracle[1:] == [1.0, 1.0]  # 51 patches hold every sign box of a 512 px scene (at most 20)
     assert results['rows'][0]['patches'] == (int(config) // 16) ** 2
     assert all(0 <= row['acc'] <= 1 and row['gflops'] > 0 for row in results['rows'])
     assert (tmp_path / 'results.md').read_text().count('\n') == len(names) + 2
     with Image.open(tmp_path / 'results.png') as plot:
         assert plot.format == 'PNG'
-    seen = json.loads((tmp_path / 'distill' / 'val.json').read_text())['sign_patches_seen']
-    assert set(seen) == {'k=2%', 'k=5%', 'k=10%'} and all(0 <= v <= 1 for v in seen.values())
+    distilled = json.loads((tmp_path / 'distill' / 'val.json').read_text())
+    for shares in (distilled['sign_patches_seen'], distilled['target_sign_patches_seen']):  # selector, its target
+        assert set(shares) == {'k=2%', 'k=5%', 'k=10%'} and all(0 <= v <= 1 for v in shares.values())
     timings = json.loads((tmp_path / 'timings.json').read_text())
     assert set(timings) == set(sparse_signs.STAGES)
     # a second run finds every stage done and redoes nothing
@@ -110,7 +116,6 @@ def test_cached_split_holds_the_generators_scenes(tmp_path):
 
 
 def test_stopped_training_continues_onto_the_same_batches(tmp_path, monkeypatch):
-    cfg = sparse_signs.CONFIGS['256']['tiny']
     data = dict(images=torch.randint(0, 256, (20, 3, 32, 32), dtype=torch.uint8), labels=torch.arange(20) % 3,
                 boxes=torch.zeros(20, 4, dtype=torch.long))
 
@@ -139,8 +144,8 @@ def test_stopped_training_continues_onto_the_same_batches(tmp_path, monkeypatch)
     assert resumed_seen == whole_seen[3:]
     assert all(torch.equal(a, b) for a, b in zip(whole.state_dict().values(), resumed.state_dict().values()))
     finished, none_seen = run(6, tmp_path / 'stopped.pth')  # a finished fit only reloads
-    assert none_seen == [] and all(torch.equal(a, b) for a, b in zip(whole.state_dict().values(),
-                                                                       finished.state_dict().values()))
+    assert none_seen == []
+    assert all(torch.equal(a, b) for a, b in zip(whole.state_dict().values(), finished.state_dict().values()))
 
 
 def test_a_lever_runs_in_its_own_folder_on_shared_data_and_teacher(tmp_path, restore_threads, capsys):
@@ -149,7 +154,8 @@ def test_a_lever_runs_in_its_own_folder_on_shared_data_and_teacher(tmp_path, res
     assert sparse_signs.main(common + ['--output', str(base), '--stages', 'data,teacher,distill']) == 0
     assert sparse_signs.main(common + ['--output', str(lever), '--share-from', str(base), '--stages', 'distill',
                                        '--set', 'map_weight=0.25', 'distill_steps=2']) == 0
-    assert (lever / 'teacher').is_symlink() and (lever / 'distill' / 'val.json').exists()
+    assert (lever / 'teacher').is_symlink() and (lever / 'data').is_symlink() and (lever / 'cache').is_symlink()
+    assert not (lever / 'distill').is_symlink() and (lever / 'distill' / 'val.json').exists()  # its own
     assert json.loads((lever / 'distill' / 'args.json').read_text())['map_weight'] == 0.25
     assert json.loads((lever / 'run.json').read_text())['overrides'] == dict(map_weight=0.25, distill_steps=2)
     capsys.readouterr()

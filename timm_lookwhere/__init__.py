@@ -11,4 +11,8 @@ from .lookwhere import (
     LookWhere, LookWhereSelector, SelectionRecorder, TopKSelect, checkpoint_filter_fn, create_teacher,
 )
 
+__all__ = [
+    'LookWhere', 'LookWhereSelector', 'SelectionRecorder', 'TopKSelect', 'checkpoint_filter_fn', 'create_teacher',
+    'idw_fill', 'nearest_chosen', 'convert_authors_checkpoint',
+]
 __version__ = '0.1.0'

@@ -27,7 +27,8 @@ from PIL import Image, ImageDraw, ImageFilter
 from torch.utils.data import Dataset
 
 __all__ = [
-    'SIGN_CLASSES', 'CLASS_NAMES', 'SPLITS', 'AREA_RANGE', 'WIDE_AREA_RANGE', 'SignClass', 'Scene', 'generate_scene', 'render_sign',
+    'SIGN_CLASSES', 'CLASS_NAMES', 'SPLITS', 'AREA_RANGE', 'WIDE_AREA_RANGE', 'SignClass', 'Scene', 'generate_scene',
+    'render_sign',
     'scene_rng', 'scene_label', 'SparseSigns', 'folder_names', 'write_image_folder', 'patches_under_box',
     'sign_patches_seen',
 ]

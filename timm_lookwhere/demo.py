@@ -1,7 +1,7 @@
 """ `lookwhere demo` and `lookwhere show`: where a LookWhere model looks, drawn over the image.
 
-    lookwhere demo                                   # a generated street scene, the shipped sign model, offline
-    lookwhere demo --model lookwhere_vitt16_512.sparse_signs   # a 512 px scene: the sign is 0.25-0.5% of it
+    lookwhere demo                                   # a generated 512 px street scene, the shipped sign model, offline
+    lookwhere demo --model lookwhere_vitt16_256.sparse_signs   # a 256 px scene: the sign is 1-2% of it
     lookwhere demo --image photo.jpg --model lookwhere_vitb_518    # the authors' weights (Hugging Face Hub)
     lookwhere show --model lookwhere_vitb_518 --checkpoint lookwhere_dinov2.pt --image photo.jpg
 
@@ -30,7 +30,7 @@ __all__ = [
     'SIGNS_MODEL', 'load_image', 'to_input', 'draw_selection', 'figure_size', 'add_subcommand',
 ]
 
-SIGNS_MODEL = 'lookwhere_vitt16_256'
+SIGNS_MODEL = 'lookwhere_vitt16_512'  # the high-res one: where looking at few patches pays
 SIGNS_TAG = 'sparse_signs'
 # the shipped sign models and the scenes each was trained on (benchmarks/sparse_signs.py --config 256 / 512)
 SIGN_SCENES = {'lookwhere_vitt16_256': AREA_RANGE, 'lookwhere_vitt16_512': WIDE_AREA_RANGE}
@@ -367,7 +367,8 @@ def _add_model_arguments(parser: argparse.ArgumentParser, default_model: Optiona
                         help='extra timm.create_model arguments, e.g. img_size=448')
     parser.add_argument('--k', type=int, default=None, help='patches the extractor sees')
     parser.add_argument('--k-ratio', type=float, default=None,
-                        help="or that number as a fraction (default: 0.05 for the shipped sign model, else the model's)")
+                        help="or that number as a fraction (default: 0.05 for the shipped sign models, "
+                             "else the model's)")
     parser.add_argument('--image', default=None, metavar='PATH', help='an image file (default: a generated scene)')
     parser.add_argument('--seed', type=int, default=0, help='seed of the generated scene (default: 0)')
     parser.add_argument('--index', type=int, default=0, help='index of the generated test scene (default: 0)')

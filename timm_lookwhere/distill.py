@@ -390,7 +390,7 @@ class Distiller(nn.Module):
 
 def train_step(
         distiller: nn.Module,
-        teacher: DistillTeacher,
+        teacher: Union[DistillTeacher, TeacherTargetCache],
         micro_batches: List[Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]],
         optimizer: torch.optim.Optimizer,
         k: int,
@@ -786,8 +786,12 @@ def train(args: argparse.Namespace) -> int:
     if args.teacher_cache:
         if isinstance(dataset, torch.utils.data.IterableDataset):
             raise ValueError('--teacher-cache needs a map-style dataset (an image folder), not a streaming one')
+        if info['distributed'] and rank != 0:
+            dist.barrier()  # rank 0 creates the files, the others then open them
         targets = TeacherTargetCache(distill_teacher, args.teacher_cache, len(dataset), student.num_patches,
                                      student.embed_dim, _cache_description(args, student))
+        if info['distributed'] and rank == 0:
+            dist.barrier()
     batches = image_batches(
         dataset, transform, args.batch_size, args.workers, args.seed, start_step * args.grad_accum,
         world_size, rank, pin_memory=device.type == 'cuda', with_indices=bool(args.teacher_cache))

@@ -567,7 +567,8 @@ class LookWhere(nn.Module):
         """Check the input; return it on whole patches (padded when asked) and its (rows, cols) grid."""
         patch = self.patch_embed.patch_size[0]
         pad = self.dynamic_img_size and self.dynamic_img_pad
-        x = check_image_batch(x, self.in_chans, patch, None if self.dynamic_img_size else self.patch_embed.img_size, pad)
+        only_size = None if self.dynamic_img_size else self.patch_embed.img_size
+        x = check_image_batch(x, self.in_chans, patch, only_size, pad)
         if not self.dynamic_img_size:
             return x, self.grid_size  # static, also where tracing hides the input's shape
         if pad:
@@ -618,7 +619,8 @@ class LookWhere(nn.Module):
         channel_rows = torch.arange(C, device=x.device)[:, None] * rows * p + torch.arange(p, device=x.device)
         patches = runs.index_select(0, (first[..., None] + channel_rows.flatten() * cols).flatten())  # (B*k*C*p, p)
         proj = self.patch_embed.proj
-        tokens = F.linear(patches.view(B * k, C * p * p), proj.weight.flatten(1), proj.bias).view(B, k, proj.out_channels)
+        tokens = F.linear(patches.view(B * k, C * p * p), proj.weight.flatten(1), proj.bias)
+        tokens = tokens.view(B, k, proj.out_channels)
         tokens = self.patch_embed.norm(tokens)  # (B, k, D)
         if (rows, cols) == self.grid_size:
             return tokens + self.pos_embed[0][indices]
