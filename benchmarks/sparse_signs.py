@@ -731,20 +731,23 @@ def stage_evaluate(args, cfg: RunConfig) -> Dict[str, Any]:
     rows.append(dict(model=f'low-res ViT ({lowres.img_size} px copy)', patches=(lowres.img_size // patch) ** 2,
                      acc=accuracy(lowres, test), gflops=gflops(lowres, cfg.img_size)))
     timed = dict(teacher=teacher, lowres=lowres)
+    selections = {  # row label: the hook on model.topk that makes the choice (None: LookWhere's own)
+        'LookWhere selection': lambda model: None,
+        'random selection': random_selection,
+        "oracle selection (the sign's patches first)": lambda model: sign_first_selection(model, test['boxes'], patch),
+    }
     for ratio in K_RATIOS:
         overlay = dict(file=export_path(args.output, cfg, 'finetune'))
         model = create_lookwhere(cfg, pretrained=True, num_classes=num_classes, k_ratio=ratio,
                                  pretrained_cfg_overlay=overlay).eval()
-        for selection in ('LookWhere', 'random', 'oracle'):
-            _logger.info(f'evaluating {selection} selection at k={ratio:.0%}')
-            handle = random_selection(model) if selection == 'random' else \
-                sign_first_selection(model, test['boxes'], patch) if selection == 'oracle' else None
+        for label, select in selections.items():
+            _logger.info(f'evaluating {label} at k={ratio:.0%}')
+            handle = select(model)
             with SelectionRecorder(model) as rec:
                 acc = accuracy(model, test)
             if handle is not None:
                 handle.remove()
             indices = torch.cat([r['indices'] for r in rec.records])
-            label = f'{selection} selection' + (" (the sign's patches first)" if selection == 'oracle' else '')
             rows.append(dict(model=f'{label}, k = {ratio:.0%}', patches=model.k, acc=acc,
                              gflops=gflops(model, cfg.img_size),
                              sign_seen=sign_patches_seen(indices, test['boxes'], model.grid_size, patch).mean().item()))
