@@ -242,7 +242,8 @@ def load_split(out: str, cfg: RunConfig, split: str, num: int, workers: int, see
         # written last: a split with its meta file is whole
         torch.save(dict(labels=torch.cat(labels), boxes=torch.cat(boxes)), meta_path)
     meta = torch.load(meta_path)
-    images = torch.from_numpy(np.memmap(images_path, dtype=np.uint8, mode='r', shape=shape))
+    # copy-on-write: torch wants a writable array; nothing writes to it, and the file never changes
+    images = torch.from_numpy(np.memmap(images_path, dtype=np.uint8, mode='c', shape=shape))
     return dict(images=images, **meta)
 
 

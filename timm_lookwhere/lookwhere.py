@@ -1020,14 +1020,15 @@ def lookwhere_vitt16_256(pretrained: bool = False, **kwargs) -> LookWhere:
 
 @register_model
 def lookwhere_vitt16_512(pretrained: bool = False, **kwargs) -> LookWhere:
-    """LookWhere ViT-Tiny-class /16 at 512 px (128 wide, 6 blocks, no registers): 1-block selector at 192 px.
+    """LookWhere ViT-Tiny-class /16 at 512 px (128 wide, 6 blocks, no registers): 1-block selector at 208 px.
 
     The `sparse_signs` tag is the high-res model of benchmarks/sparse_signs.py, shipped in the package. Its
-    selector sees a 192 px copy: at 128 px (a 4x downscale) it found 41% of a sign's patches among the
-    top 5%, at 192 px 56% (benchmarks/README.md, levers).
+    selector sees a 208 px copy: among the top 5% it found 41% of a sign's patches at 128 px (a 4x
+    downscale), 56% at 192 px and 58% at 208 px, the largest copy that keeps LookWhere at k = 5% 20x
+    under its teacher's FLOPs (benchmarks/README.md, levers).
     """
     model_args = dict(
         img_size=512, patch_size=16, embed_dim=128, depth=6, num_heads=4, init_values=1e-5, reg_tokens=0,
-        selector_img_size=192, selector_depth=1, map_grid=32,
+        selector_img_size=208, selector_depth=1, map_grid=32,
     )
     return _create_lookwhere('lookwhere_vitt16_512', pretrained=pretrained, **dict(model_args, **kwargs))
