@@ -799,7 +799,7 @@ def plot_results(results: Dict[str, Any], path: str) -> None:
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
-    import matplotlib.ticker  # noqa: F401  (the tick formats below)
+    from matplotlib.ticker import FormatStrFormatter, NullFormatter
     rows = results['rows']
     fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
     for prefix, style, label in (('LookWhere', 'o-', 'LookWhere (k = 2, 5, 10%)'),
@@ -816,8 +816,8 @@ def plot_results(results: Dict[str, Any], path: str) -> None:
     costs = [r['gflops'] for r in rows]
     ticks = (0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 20)
     ax.set_xticks([t for t in ticks if min(costs) / 1.3 <= t <= max(costs) * 1.3])
-    ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter('%g'))  # 0.2, not 2x10^-1
-    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # minor labels overlap
+    ax.xaxis.set_major_formatter(FormatStrFormatter('%g'))  # 0.2, not 2x10^-1
+    ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels overlap
     ax.set_xlabel('GFLOPs per image (log scale, attention counted)')
     ax.set_ylabel(f"test accuracy (%), {results['test_images']} scenes")
     ax.set_title(f"Sparse traffic signs, {results['settings']['img_size']} px scenes: accuracy against compute")
