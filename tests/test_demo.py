@@ -184,3 +184,31 @@ def test_each_shipped_sign_model_loads_its_teacher_with_one_call(name):
     assert all(torch.equal(v, shipped[k].float()) for k, v in teacher.state_dict().items())
     with pytest.raises(ValueError, match='no known teacher for'):
         create_teacher('lookwhere_vits_518')
+
+
+@pytest.mark.parametrize('argv, match', [
+    (['--runs', '0'], 'argument --runs: must be at least 1, got 0'),
+    (['--threads', '-2'], 'argument --threads: must be at least 1'),
+    (['--k', '0'], 'argument --k: must be at least 1'),
+    (['--index', '-1'], 'argument --index: must be 0 or more'),
+])
+def test_demo_refuses_counts_below_one_before_any_work(argv, match, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(['demo', *TINY_SIGNS, *argv])
+    assert exit_info.value.code == 2 and match in capsys.readouterr().err
+
+
+def test_demo_and_show_name_a_bad_output_image_checkpoint_or_model(tmp_path, capsys):
+    folder = tmp_path / 'folder'
+    folder.mkdir()
+    for argv, said in [
+        (['demo', *TINY_SIGNS, '--output', str(folder)], f'--output {folder} is a folder; give a file name'),
+        (['demo', *TINY_SIGNS, '--output', str(tmp_path / 'fig.xyz')], 'Pillow cannot tell an image format from .xyz'),
+        (['show', *TINY_SIGNS, '--image', str(folder)], f'--image {folder} is a folder'),
+        (['show', '--model', 'lookwhere_vitt16_256', '--checkpoint', str(folder)], 'is a folder, not a weights file'),
+        (['demo', '--model', 'resnet18'], '--model resnet18 is not a LookWhere model'),
+    ]:
+        assert cli.main(argv) == 1
+        printed = capsys.readouterr().out
+        assert said in printed and 'Without network' not in printed
+    assert list(folder.iterdir()) == []

@@ -261,3 +261,30 @@ def test_push_checks_folder_and_repo_id_before_any_network(tmp_path, export_fold
         push_to_hub(export_folder, 'lookwhere-tiny', token='hf_test')
     with pytest.raises(ValueError, match='bad repo id'):
         push_to_hub(export_folder, 'someone/look where', token='hf_test')
+
+
+def test_convert_refuses_a_folder_with_files_unless_overwrite_and_keeps_the_others(tmp_path, fine_tuned, capsys):
+    out = tmp_path / 'out'
+    out.mkdir()
+    (out / 'README.md').write_text('my notes')
+    assert convert(fine_tuned[0], out) == 2
+    err = capsys.readouterr().err
+    assert 'not empty (it would replace README.md)' in err and '--overwrite' in err
+    assert (out / 'README.md').read_text() == 'my notes' and not (out / 'model.safetensors').exists()
+    (out / 'notes.txt').write_text('kept')
+    assert convert(fine_tuned[0], out, '--overwrite') == 0
+    assert (out / 'README.md').read_text() != 'my notes' and (out / 'notes.txt').read_text() == 'kept'
+    (tmp_path / 'a_file').write_text('x')
+    assert convert(fine_tuned[0], tmp_path / 'a_file') == 2
+    assert 'is a file, not a folder' in capsys.readouterr().err
+    with pytest.raises(FileExistsError, match='not empty'):
+        export_for_hf(tiny_model(), out)
+
+
+@pytest.mark.parametrize('call', [dict(k=8), dict(k_ratio=0.5)])
+@pytest.mark.parametrize('saved', [dict(k_ratio=0.1), dict(k=4)])
+def test_a_calls_k_replaces_the_k_an_export_records(tmp_path, saved, call):
+    export_for_hf(tiny_model(**saved), tmp_path / 'out')
+    model = timm.create_model(f'local-dir:{tmp_path / "out"}', pretrained=True, **call)
+    assert model.k == call.get('k', int(call.get('k_ratio', 0) * 64))
+    assert timm.create_model(f'local-dir:{tmp_path / "out"}', pretrained=True).k == saved.get('k', 6)

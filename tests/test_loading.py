@@ -176,3 +176,43 @@ def test_no_hub_and_no_cache_says_how_to_load_a_local_file(tmp_path):
     assert result.returncode == 0, result.stderr
     assert 'lookwhere_dinov2.pt' in result.stdout and 'antofuller/lookwhere' in result.stdout
     assert 'pretrained_cfg_overlay=dict(file=' in result.stdout
+
+
+def test_a_fine_tuned_file_keeps_its_head_when_num_classes_is_not_given(tmp_path, images):
+    source = tiny_model(num_classes=7)
+    safetensors.torch.save_file(source.state_dict(), tmp_path / 'finetuned.safetensors')
+    model = load(tmp_path / 'finetuned.safetensors')  # the registry says num_classes=0 for the authors' weights
+    assert model.num_classes == 7
+    x = images(2)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), source(x))
+    # a call that asks for another head still gets a fresh one for its new task
+    assert load(tmp_path / 'finetuned.safetensors', num_classes=3)(x).shape == (2, 3)
+
+
+def _unreadable_files(folder):
+    good = tiny_model(num_classes=0).state_dict()
+    safetensors.torch.save_file(good, folder / 'good.safetensors')
+    payload = (folder / 'good.safetensors').read_bytes()
+    (folder / 'random.pth').write_bytes(os.urandom(4096))
+    (folder / 'empty.pth').write_bytes(b'')
+    (folder / 'truncated.safetensors').write_bytes(payload[:len(payload) // 2])
+    torch.save(torch.randn(3), folder / 'tensor.pth')
+    torch.save(good, folder / 'whole.pth')
+    (folder / 'cut.pth').write_bytes((folder / 'whole.pth').read_bytes()[:2000])
+    (folder / 'a_folder.pth').mkdir()
+
+
+@pytest.mark.parametrize('name, error, match', [
+    ('random.pth', (ValueError, RuntimeError), r'random\.pth: .*|random\.pth is not a readable PyTorch checkpoint'),
+    ('empty.pth', ValueError, r'empty\.pth is empty \(0 bytes\).*A weights file is'),
+    ('truncated.safetensors', ValueError, r'truncated\.safetensors is not a complete \.safetensors file'),
+    ('tensor.pth', ValueError, r'tensor\.pth holds a Tensor, not a dict; a weights file is'),
+    ('cut.pth', ValueError, r'cut\.pth is not a readable PyTorch checkpoint \(it is truncated\)'),
+    ('a_folder.pth', IsADirectoryError, r'a_folder\.pth is a folder, not a weights file'),
+])
+def test_a_file_that_is_not_a_checkpoint_is_named_with_what_a_checkpoint_holds(tmp_path, name, error, match):
+    _unreadable_files(tmp_path)
+    with pytest.raises(error, match=match) as info:
+        load(tmp_path / name)
+    assert 'weights_only=False' not in str(info.value)  # never the advice to run the file's code

@@ -402,3 +402,44 @@ def test_model_is_a_lookwhere_with_the_selector_at_its_own_resolution():
     assert isinstance(model, LookWhere)
     assert model.selector.img_size == (42, 42) and model.selector.multiplier == 3
     assert model.pos_embed.shape == (1, 16 * 24, TINY['embed_dim'])
+
+
+@pytest.mark.parametrize('size, nearest', [(50, '42 or 56'), (41, '28 or 42'), (10, 'use 14'), (0, 'use 14')])
+def test_a_selector_copy_off_the_patch_grid_is_refused_with_the_nearest_sizes(size, nearest):
+    with pytest.raises(ValueError, match=f'selector_img_size={size} must be a positive multiple of the patch size 14.*'
+                                         f'{nearest}'):
+        tiny_model(selector_img_size=size)
+
+
+def test_raw_pixels_and_a_dtype_other_than_the_weights_are_clear_errors(images):
+    model = tiny_model()
+    pixels = torch.randint(0, 256, (1, 3, 112, 112), dtype=torch.uint8)
+    with pytest.raises(TypeError, match=r'expected a float image batch normalised .*mean/std, got torch\.uint8'):
+        model(pixels)
+    with pytest.raises(TypeError, match=r'the batch is torch\.float64 but the model\'s weights are torch\.float32'):
+        model.forward_dense(images(1).double())
+    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):  # autocast casts per op: allowed
+        assert model(images(1).bfloat16()).shape == (1, TINY['embed_dim'])
+    with torch.no_grad():
+        assert model.double()(images(1).double()).dtype == torch.float64
+
+
+@pytest.mark.parametrize('kwargs, match', [
+    (dict(num_classes=-1), 'num_classes must be 0 or more, got -1'),
+    (dict(depth=0), 'depth must be at least 1, got 0'),
+    (dict(selector_depth=0), 'selector_depth must be at least 1'),
+    (dict(num_heads=3), 'embed_dim=32 must be divisible by num_heads=3'),
+    (dict(num_heads=0), 'num_heads must be at least 1'),
+    (dict(num_neighbors=0), 'num_neighbors must be at least 1'),
+    (dict(map_grid=0), 'map_grid must be at least 1'),
+    (dict(patch_size=0), 'patch_size must be at least 1'),
+    (dict(in_chans=0), 'in_chans must be at least 1'),
+    (dict(embed_dim=-32), 'embed_dim must be at least 1'),
+    (dict(reg_tokens=-1), 'reg_tokens must be 0 or more'),
+    (dict(drop_path_rate=1.5), r'drop_path_rate is a probability, in \[0, 1\]'),
+    (dict(attn_drop_rate=-0.1), r'attn_drop_rate is a probability'),
+    (dict(mlp_ratio=0), 'mlp_ratio must be positive'),
+])
+def test_construction_arguments_out_of_range_are_named(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        tiny_model(**kwargs)

@@ -6,7 +6,7 @@ Importing this package (or timm, once the package is installed) registers `lookw
 the full-resolution ViT a pretrained one was distilled from.
 """
 from .dense import idw_fill, nearest_chosen
-from .hub import convert_authors_checkpoint
+from .checkpoints import convert_authors_checkpoint
 from .lookwhere import (
     LookWhere, LookWhereSelector, SelectionRecorder, TopKSelect, checkpoint_filter_fn, create_teacher,
 )

@@ -9,6 +9,22 @@ from typing import List, Optional
 SUBCOMMAND_MODULES: List[str] = ['timm_lookwhere.distill', 'timm_lookwhere.export', 'timm_lookwhere.demo']
 
 
+def positive_int(text: str) -> int:
+    """argparse type of a count that must be at least 1 (runs, threads, steps): 0 or less is refused by name."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f'must be at least 1, got {value}')
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type of an index or seed: below 0 is refused."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f'must be 0 or more, got {value}')
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog='lookwhere', description='LookWhere models for timm.')
     subparsers = parser.add_subparsers(dest='command', metavar='COMMAND')

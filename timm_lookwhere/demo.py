@@ -24,6 +24,7 @@ from timm.utils import ParseKwargs
 
 from .data import AREA_RANGE, CLASS_NAMES, WIDE_AREA_RANGE, generate_scene, patches_under_box
 from .lookwhere import TEACHER_BASE, LookWhere, SelectionRecorder, create_teacher, dense_counterpart_kwargs
+from .cli import non_negative_int, positive_int
 from .cost import median_latency_ms
 
 __all__ = [
@@ -53,8 +54,10 @@ _INFERNO = np.array([(0, 0, 4), (87, 16, 110), (188, 55, 84), (249, 142, 9), (25
 
 def _create(args: argparse.Namespace) -> nn.Module:
     kwargs = dict(args.model_kwargs or {})
+    if not args.model.startswith('lookwhere_') or not timm.is_model(args.model):
+        raise ValueError(f'--model {args.model} is not a LookWhere model; choose one of {timm.list_models("lookwhere_*")}')
     if args.checkpoint:
-        if not os.path.isfile(args.checkpoint):
+        if not os.path.exists(args.checkpoint):
             raise FileNotFoundError(f'--checkpoint {args.checkpoint} does not exist')
         kwargs['pretrained_cfg_overlay'] = dict(file=args.checkpoint)
     pretrained = args.pretrained or bool(args.checkpoint)
@@ -90,6 +93,8 @@ def class_names(model: nn.Module) -> Optional[Sequence[str]]:
 
 def load_image(path: str, size: Tuple[int, int]) -> Image.Image:
     """An RGB image resized so it covers `size` (H, W), then cropped to it at the centre."""
+    if os.path.isdir(path):
+        raise ValueError(f'--image {path} is a folder; pass one image file in it')
     if not os.path.isfile(path):
         raise FileNotFoundError(f'--image {path} does not exist')
     try:
@@ -279,11 +284,13 @@ def _sign_coverage(scene, indices: torch.Tensor, model: LookWhere) -> str:
 
 def run_demo(args: argparse.Namespace) -> int:
     try:
+        _check_output(args.output)
         model = _create(args)
         image, scene = _scene_or_image(args, model)
-    except (RuntimeError, FileNotFoundError, ValueError) as err:
+    except (RuntimeError, OSError, ValueError) as err:
         print(f'lookwhere demo: {err}')
-        if args.model.split('.')[0] not in SIGN_SCENES and not args.checkpoint:
+        offline = isinstance(err, RuntimeError)  # weights neither reachable nor cached (or timm's own Hub error)
+        if offline and args.model.split('.')[0] not in SIGN_SCENES and not args.checkpoint:
             print('Without network, use the offline model (`lookwhere demo`) or pass the weights file: '
                   f'`lookwhere demo --model {args.model} --checkpoint FILE --image {args.image or "PHOTO"}`')
         return 1
@@ -336,9 +343,10 @@ def run_demo(args: argparse.Namespace) -> int:
 
 def run_show(args: argparse.Namespace) -> int:
     try:
+        _check_output(args.output)
         model = _create(args)
         image, scene = _scene_or_image(args, model)
-    except (RuntimeError, FileNotFoundError, ValueError) as err:
+    except (RuntimeError, OSError, ValueError) as err:
         print(f'lookwhere show: {err}')
         return 1
     x = to_input(model, image)
@@ -348,6 +356,16 @@ def run_show(args: argparse.Namespace) -> int:
     _save(draw_selection(image, scores, indices, model.grid_size, lines, _zoom_on(scene, image, model)), args.output)
     print(f'{description}; looked at {model.k} of {model.num_patches} patches; wrote {args.output}')
     return 0
+
+
+def _check_output(path: str) -> None:
+    """Refuse a figure path that cannot be written, before any work is done."""
+    if os.path.isdir(path):
+        raise ValueError(f'--output {path} is a folder; give a file name, e.g. {os.path.join(path, "lookwhere.png")}')
+    extension = os.path.splitext(path)[1].lower()
+    if extension not in Image.registered_extensions():
+        raise ValueError(f'--output {path}: Pillow cannot tell an image format from {extension or "no extension"}; '
+                         f'end it in .png or .jpg')
 
 
 def _save(figure: Image.Image, path: str) -> None:
@@ -365,13 +383,13 @@ def _add_model_arguments(parser: argparse.ArgumentParser, default_model: Optiona
                         help='load the registered weights (shipped, or from the Hugging Face Hub) (default: yes)')
     parser.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs, metavar='KEY=VALUE',
                         help='extra timm.create_model arguments, e.g. img_size=448')
-    parser.add_argument('--k', type=int, default=None, help='patches the extractor sees')
+    parser.add_argument('--k', type=positive_int, default=None, help='patches the extractor sees')
     parser.add_argument('--k-ratio', type=float, default=None,
                         help="or that number as a fraction (default: 0.05 for the shipped sign models, "
                              "else the model's)")
     parser.add_argument('--image', default=None, metavar='PATH', help='an image file (default: a generated scene)')
-    parser.add_argument('--seed', type=int, default=0, help='seed of the generated scene (default: 0)')
-    parser.add_argument('--index', type=int, default=0, help='index of the generated test scene (default: 0)')
+    parser.add_argument('--seed', type=non_negative_int, default=0, help='seed of the generated scene (default: 0)')
+    parser.add_argument('--index', type=non_negative_int, default=0, help='index of the generated test scene (default: 0)')
 
 
 def add_subcommand(subparsers: argparse._SubParsersAction) -> None:
@@ -380,8 +398,8 @@ def add_subcommand(subparsers: argparse._SubParsersAction) -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_model_arguments(demo, f'{SIGNS_MODEL}.{SIGNS_TAG}')
     demo.add_argument('--output', default='lookwhere_demo.png', help='figure to write (default: %(default)s)')
-    demo.add_argument('--runs', type=int, default=20, help='timed forwards of each model (default: %(default)s)')
-    demo.add_argument('--threads', type=int, default=torch.get_num_threads(),
+    demo.add_argument('--runs', type=positive_int, default=20, help='timed forwards of each model (default: %(default)s)')
+    demo.add_argument('--threads', type=positive_int, default=torch.get_num_threads(),
                       help='torch threads (default: %(default)s)')
     demo.set_defaults(func=run_demo)
 

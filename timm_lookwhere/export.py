@@ -18,20 +18,20 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Any, Dict, Optional, Union
 
-import safetensors.torch
 import torch
 from huggingface_hub import HfApi, constants, get_token
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
 import timm
-from timm.models import clean_state_dict, is_model, save_for_hf
+from timm.models import is_model, save_for_hf
 from timm.models._hub import generate_readme
 from timm.utils import ParseKwargs
 
-from .hub import AUTHORS_HUB_ID, convert_authors_checkpoint, is_authors_layout
+from .cli import positive_int
+from .checkpoints import AUTHORS_HUB_ID, infer_architecture, load_checkpoint_file
 from .lookwhere import LookWhere, checkpoint_filter_fn
 
 __all__ = ['load_checkpoint_file', 'infer_architecture', 'model_from_checkpoint', 'export_for_hf', 'push_to_hub',
@@ -58,71 +58,6 @@ _TEACHERS = {
 
 # ------------------------------------------------------------------------------------------------
 # reading checkpoints
-
-
-def load_checkpoint_file(path: Union[str, Path], use_ema: bool = False) -> Tuple[Dict[str, Any], Dict[str, Any]]:
-    """A checkpoint file -> (this project's flat state dict, what the file says about the model).
-
-    Reads the authors' nested file, a flat state dict (.pth or .safetensors), and timm train.py
-    checkpoints (`state_dict`, `state_dict_ema`, and `args`, whose model name, model_kwargs and
-    image size become the defaults). Never unpickles code: torch.load(weights_only=True).
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f'no checkpoint file at {path}')
-    if path.suffix == '.safetensors':
-        checkpoint = safetensors.torch.load_file(path, device='cpu')
-    else:
-        safe_globals = getattr(torch.serialization, 'safe_globals', None)
-        if safe_globals is None:
-            checkpoint = torch.load(path, map_location='cpu', weights_only=True)
-        else:
-            with safe_globals([argparse.Namespace]):  # train.py stores its arguments as a Namespace
-                checkpoint = torch.load(path, map_location='cpu', weights_only=True)
-    if not isinstance(checkpoint, dict):
-        raise ValueError(f'{path} holds a {type(checkpoint).__name__}, not a state dict or checkpoint dict')
-
-    meta = _train_args(checkpoint)
-    if use_ema:
-        if not isinstance(checkpoint.get('state_dict_ema'), dict):
-            raise ValueError(f'--ema: {path} has no EMA weights (no "state_dict_ema"); keys: {sorted(checkpoint)}')
-        state_dict = checkpoint['state_dict_ema']
-    elif is_authors_layout(checkpoint):
-        return convert_authors_checkpoint(checkpoint), meta
-    else:
-        state_dict = next((checkpoint[k] for k in ('state_dict', 'model') if isinstance(checkpoint.get(k), dict)),
-                          checkpoint)
-    return clean_state_dict(state_dict), meta  # clean: no DDP / torch.compile prefixes
-
-
-def _train_args(checkpoint: Dict[str, Any]) -> Dict[str, Any]:
-    """Model settings a timm train.py checkpoint records: arch, model_kwargs, img_size."""
-    meta = {}
-    if isinstance(checkpoint.get('arch'), str):
-        meta['arch'] = checkpoint['arch']
-    args = checkpoint.get('args')
-    if isinstance(args, argparse.Namespace):
-        args = vars(args)
-    if isinstance(args, dict):
-        meta.setdefault('arch', args.get('model'))
-        meta['model_kwargs'] = dict(args.get('model_kwargs') or {})
-        if args.get('img_size'):
-            meta['model_kwargs'].setdefault('img_size', args['img_size'])
-        elif args.get('input_size'):
-            meta['model_kwargs'].setdefault('img_size', tuple(args['input_size'][1:]))
-    return {k: v for k, v in meta.items() if v}
-
-
-def infer_architecture(state_dict: Dict[str, torch.Tensor]) -> str:
-    """Which registered LookWhere a flat state dict belongs to: the selector's register tokens tell
-    DINOv2 (4 registers) from Franca (none), the width ViT-B from ViT-S."""
-    pos = state_dict.get('pos_embed')
-    if not isinstance(pos, torch.Tensor) or 'selector.head.fc1.weight' not in state_dict:
-        raise ValueError('cannot tell the architecture: not a LookWhere checkpoint (no pos_embed / selector head); '
-                         'pass --model')
-    if 'selector.backbone.reg_token' not in state_dict:
-        return 'lookwhere_vitb_franca_518'
-    return 'lookwhere_vits_518' if pos.shape[-1] == 384 else 'lookwhere_vitb_518'
 
 
 def model_from_checkpoint(
@@ -247,16 +182,19 @@ def export_for_hf(
         out_dir: Union[str, Path],
         repo_id: Optional[str] = None,
         source: Optional[str] = None,
+        overwrite: bool = False,
 ) -> Path:
     """Write `model.safetensors`, `config.json` and a model card `README.md` to `out_dir`.
 
-    `repo_id` (ORG/NAME) is what the card's code loads; `source` says where the weights come from.
+    `repo_id` (ORG/NAME) is what the card's code loads; `source` says where the weights come from. A folder
+    that already holds files is refused unless `overwrite`, which replaces those three and leaves the rest.
     """
     if not isinstance(model, LookWhere):
         raise TypeError(f'expected a LookWhere model, got {type(model).__name__}')
     if not hasattr(model, 'pretrained_cfg'):
         raise TypeError('build the model with timm.create_model: the export needs the pretrained_cfg it records')
     out_dir = Path(out_dir)
+    _check_export_target(out_dir, overwrite)
     save_for_hf(model, out_dir, safe_serialization=True)
     config_path = out_dir / 'config.json'
     config = json.loads(config_path.read_text())
@@ -265,6 +203,21 @@ def export_for_hf(
     repo_id = repo_id or f'ORG/{out_dir.resolve().name}'
     (out_dir / 'README.md').write_text(model_card(model, config, repo_id, source), encoding='utf-8')
     return out_dir
+
+
+EXPORT_FILES = ('model.safetensors', 'config.json', 'README.md')
+
+
+def _check_export_target(out_dir: Path, overwrite: bool) -> None:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise FileExistsError(f'{out_dir} is a file, not a folder; choose a folder to write the export into')
+    present = sorted(p.name for p in out_dir.iterdir()) if out_dir.is_dir() else []
+    if present and not overwrite:
+        replaced = [name for name in EXPORT_FILES if name in present]
+        what = f'it would replace {", ".join(replaced)}' if replaced else f'it holds {", ".join(present[:8])}'
+        raise FileExistsError(
+            f'{out_dir} is not empty ({what}); choose an empty or new folder, or pass --overwrite '
+            f'(overwrite=True) to replace {", ".join(EXPORT_FILES)} there and keep the other files')
 
 
 # ------------------------------------------------------------------------------------------------
@@ -334,13 +287,15 @@ def _run_convert(args: argparse.Namespace) -> int:
             return 2
         kwargs['img_size'] = args.img_size[0] if len(args.img_size) == 1 else tuple(args.img_size)
     try:
+        _check_export_target(Path(args.out_dir), args.overwrite)  # before the (possibly long) load
         model = model_from_checkpoint(args.checkpoint, model_name=args.model, use_ema=args.ema, **kwargs)
-    except (ValueError, TypeError, FileNotFoundError) as err:
+        source = args.source or (f'converted from {Path(args.checkpoint).name}' + (
+            f' ({AUTHORS_HUB_ID})' if Path(args.checkpoint).name.startswith('lookwhere_') else ''))
+        export_for_hf(model, args.out_dir, repo_id=args.repo_id, source=source, overwrite=args.overwrite)
+    # OSError: a missing file, a folder given for a file, a folder that is not empty; RuntimeError: pickled code
+    except (ValueError, TypeError, OSError, RuntimeError) as err:
         print(f'lookwhere convert: error: {err}', file=sys.stderr)
         return 2
-    source = args.source or (f'converted from {Path(args.checkpoint).name}'
-                             + (f' ({AUTHORS_HUB_ID})' if Path(args.checkpoint).name.startswith('lookwhere_') else ''))
-    export_for_hf(model, args.out_dir, repo_id=args.repo_id, source=source)
     print(f'wrote {args.out_dir}: {model.pretrained_cfg["architecture"]}, {model.num_classes} classes, '
           f'k={model.k} of {model.num_patches} patches; '
           f'load it with timm.create_model("local-dir:{args.out_dir}", pretrained=True)')
@@ -366,7 +321,7 @@ def add_subcommand(subparsers) -> None:
     convert.add_argument('out_dir', help='folder to write')
     convert.add_argument('--model', default=None,
                          help='architecture (default: the one train.py recorded, or inferred from the weights)')
-    convert.add_argument('--k', type=int, default=None, help='patches the extractor sees')
+    convert.add_argument('--k', type=positive_int, default=None, help='patches the extractor sees')
     convert.add_argument('--k-ratio', type=float, default=None, help='or that number as a fraction of the patches')
     convert.add_argument('--img-size', type=int, nargs='+', default=None, help='input size: S or H W')
     convert.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs,
@@ -374,6 +329,8 @@ def add_subcommand(subparsers) -> None:
     convert.add_argument('--ema', action='store_true', help='export the EMA weights of a train.py checkpoint')
     convert.add_argument('--repo-id', default=None, help='ORG/NAME the model card\'s examples load')
     convert.add_argument('--source', default=None, help='where the weights come from, for the model card')
+    convert.add_argument('--overwrite', action='store_true',
+                         help=f'write into a folder that already holds files, replacing {", ".join(EXPORT_FILES)}')
     convert.set_defaults(func=_run_convert)
 
     push = subparsers.add_parser('push', help='upload a converted folder to the Hugging Face Hub',

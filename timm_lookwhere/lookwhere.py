@@ -37,7 +37,10 @@ from timm.models._features import feature_take_indices
 from timm.models.vision_transformer import Block, VisionTransformer, global_pool_nlc, init_weights_vit_timm
 
 from .dense import idw_fill
-from .hub import check_state_dict_keys, convert_authors_checkpoint, is_authors_layout, weights_unavailable_message
+from .checkpoints import (
+    WEIGHTS_FILE_KINDS, check_state_dict_keys, convert_authors_checkpoint, is_authors_layout, read_weights_file,
+    stored_num_classes, weights_unavailable_message,
+)
 
 __all__ = [
     'LookWhere', 'LookWhereSelector', 'TopKSelect', 'SelectionRecorder', 'checkpoint_filter_fn',
@@ -60,6 +63,11 @@ except ImportError:  # older timm keeps no traits to update
 # building blocks
 
 
+@torch.jit.ignore  # TorchScript has no is_autocast_enabled(device_type); a scripted graph calls back into Python
+def _autocast_enabled(device_type: str) -> bool:
+    return torch.is_autocast_enabled(device_type)
+
+
 @register_notrace_function
 def check_image_batch(
         x: torch.Tensor,
@@ -67,6 +75,7 @@ def check_image_batch(
         patch_size: int,
         img_size: Optional[Tuple[int, int]] = None,
         pad: bool = False,
+        dtype: Optional[torch.dtype] = None,
 ) -> torch.Tensor:
     """Raise a ValueError/TypeError that names what is wrong with an input batch, and the way out;
     return the batch.
@@ -79,6 +88,7 @@ def check_image_batch(
     Args:
         img_size: the one (H, W) a fixed-size model takes; None for a model that takes every size.
         pad: sides need not be multiples of the patch size (the model pads them).
+        dtype: the model's weights' dtype, which a batch must have outside autocast.
     """
     if not isinstance(x, torch.Tensor):
         raise TypeError(f'expected an image tensor (B, C, H, W), got {type(x).__name__}')
@@ -86,6 +96,15 @@ def check_image_batch(
         raise ValueError(f'expected an image batch (B, C, H, W), got shape {list(x.shape)}')
     if x.shape[1] != in_chans:
         raise ValueError(f'expected {in_chans} input channels, got {x.shape[1]} (shape {list(x.shape)})')
+    if not x.is_floating_point():
+        raise TypeError(
+            f'expected a float image batch normalised with the pretrained cfg\'s mean/std, got {x.dtype} '
+            f'(raw pixels?); transform images with timm.data.create_transform(**timm.data.resolve_data_config('
+            f'model=model)), or compute (x / 255 - mean) / std')
+    if dtype is not None and x.dtype != dtype and not _autocast_enabled(x.device.type):
+        raise TypeError(
+            f'the batch is {x.dtype} but the model\'s weights are {dtype}: convert the batch (x.to({dtype})) or '
+            f'the model (model.to({x.dtype})), or run under torch.autocast')
     height, width = x.shape[2], x.shape[3]
     if height < 1 or width < 1:
         raise ValueError(f'expected an image of at least 1x1 pixels, got {height}x{width}')
@@ -180,6 +199,36 @@ def _as_count(k: Any) -> int:
     return int(k)
 
 
+def _check_architecture(
+        counts: Dict[str, int],
+        sizes: Dict[str, int],
+        rates: Dict[str, float],
+) -> None:
+    """Construction arguments named in the error: `counts` at least 1, `sizes` at least 0, `rates` in [0, 1]."""
+    for name, value in counts.items():
+        if value < 1:
+            raise ValueError(f'{name} must be at least 1, got {value}')
+    for name, value in sizes.items():
+        if value < 0:
+            raise ValueError(f'{name} must be 0 or more, got {value}')
+    for name, value in rates.items():
+        if not 0 <= value <= 1:
+            raise ValueError(f'{name} is a probability, in [0, 1]; got {value}')
+    if counts['embed_dim'] % counts['num_heads']:
+        raise ValueError(f"embed_dim={counts['embed_dim']} must be divisible by num_heads={counts['num_heads']}")
+
+
+def _check_global_pool(global_pool: str) -> str:
+    if global_pool not in ('token', 'avg', ''):
+        raise ValueError(f"global_pool must be 'token', 'avg' or '', got {global_pool!r}")
+    return global_pool
+
+
+def _check_img_size(img_size: Tuple[int, int], patch_size: int) -> None:
+    if any(s % patch_size or s <= 0 for s in img_size):
+        raise ValueError(f'image sides must be positive multiples of the patch size {patch_size}, got {img_size}')
+
+
 class LookWhereSelector(nn.Module):
     """Low-res ViT and an MLP that turns each low-res patch token into a sub-grid of high-res scores.
 
@@ -216,6 +265,12 @@ class LookWhereSelector(nn.Module):
         """
         super().__init__()
         dd = {'device': device, 'dtype': dtype}
+        if img_size < patch_size or img_size % patch_size:
+            below, above = img_size // patch_size * patch_size, max(1, -(-img_size // patch_size)) * patch_size
+            nearest = f'{below} or {above}' if below > 0 else f'{above}'
+            raise ValueError(
+                f'selector_img_size={img_size} must be a positive multiple of the patch size {patch_size} (else '
+                f'pixels of its low-res copy go unseen: the patch grid drops a partial patch); use {nearest}')
         self.backbone = VisionTransformer(
             img_size=img_size, patch_size=patch_size, in_chans=in_chans, num_classes=0, embed_dim=embed_dim,
             depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio, init_values=init_values, class_token=True,
@@ -381,11 +436,18 @@ class LookWhere(nn.Module):
         """
         super().__init__()
         dd = {'device': device, 'dtype': dtype}
-        if global_pool not in ('token', 'avg', ''):
-            raise ValueError(f"global_pool must be 'token', 'avg' or '', got {global_pool!r}")
+        _check_architecture(
+            dict(patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim, depth=depth, num_heads=num_heads,
+                 selector_depth=selector_depth, map_grid=map_grid, num_neighbors=num_neighbors),
+            dict(num_classes=num_classes, reg_tokens=reg_tokens),
+            dict(drop_rate=drop_rate, proj_drop_rate=proj_drop_rate, attn_drop_rate=attn_drop_rate,
+                 drop_path_rate=drop_path_rate),
+        )
+        if mlp_ratio <= 0:
+            raise ValueError(f'mlp_ratio must be positive, got {mlp_ratio}')
+        _check_global_pool(global_pool)
         img_size = to_2tuple(img_size)
-        if any(s % patch_size or s <= 0 for s in img_size):
-            raise ValueError(f'image sides must be positive multiples of the patch size {patch_size}, got {img_size}')
+        _check_img_size(img_size, patch_size)
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.global_pool = global_pool
@@ -496,8 +558,7 @@ class LookWhere(nn.Module):
             return
         img_size = to_2tuple(img_size)
         patch = self.patch_embed.patch_size[0]
-        if any(s % patch or s <= 0 for s in img_size):
-            raise ValueError(f'image sides must be positive multiples of the patch size {patch}, got {img_size}')
+        _check_img_size(img_size, patch)
         if self.k_ratio is None and self.k > (img_size[0] // patch) * (img_size[1] // patch):
             raise ValueError(
                 f'k={self.k} is more than the {(img_size[0] // patch) * (img_size[1] // patch)} patches of '
@@ -552,9 +613,7 @@ class LookWhere(nn.Module):
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
         self.num_classes = num_classes
         if global_pool is not None:
-            if global_pool not in ('token', 'avg', ''):
-                raise ValueError(f"global_pool must be 'token', 'avg' or '', got {global_pool!r}")
-            self.global_pool = global_pool
+            self.global_pool = _check_global_pool(global_pool)
         # the new head follows the model's device, dtype and train/eval mode
         self.head = nn.Linear(self.embed_dim, num_classes, device=self.pos_embed.device,
                               dtype=self.pos_embed.dtype) if num_classes > 0 else nn.Identity()
@@ -568,7 +627,7 @@ class LookWhere(nn.Module):
         patch = self.patch_embed.patch_size[0]
         pad = self.dynamic_img_size and self.dynamic_img_pad
         only_size = None if self.dynamic_img_size else self.patch_embed.img_size
-        x = check_image_batch(x, self.in_chans, patch, only_size, pad)
+        x = check_image_batch(x, self.in_chans, patch, only_size, pad, self.pos_embed.dtype)
         if not self.dynamic_img_size:
             return x, self.grid_size  # static, also where tracing hides the input's shape
         if pad:
@@ -814,11 +873,15 @@ def checkpoint_filter_fn(
 def _create_lookwhere(variant: str, pretrained: bool = False, **kwargs) -> LookWhere:
     overlay = kwargs.get('pretrained_cfg_overlay') or {}
     if pretrained:
-        _check_weights_file(variant, kwargs.get('pretrained_cfg'), overlay)
-    if overlay.get('file') and 'num_classes' in kwargs and 'num_classes' not in overlay:
-        # A local file describes its own head: keep a fine-tuned classifier instead of letting the
-        # registry's num_classes (0 for the authors' feature weights) discard it.
-        kwargs['pretrained_cfg_overlay'] = dict(overlay, num_classes=kwargs['num_classes'])
+        file = _check_weights_file(variant, kwargs.get('pretrained_cfg'), overlay)
+        if overlay.get('file') and 'num_classes' not in overlay:
+            # A local file describes its own head: keep a fine-tuned classifier (num_classes follows the file
+            # unless the call asks for another) instead of letting the registry's num_classes (0 for the
+            # authors' feature weights) discard it without a word.
+            stored = stored_num_classes(file) or 0
+            kwargs.setdefault('num_classes', stored)
+            kwargs['pretrained_cfg_overlay'] = dict(overlay, num_classes=kwargs['num_classes'])
+    _prefer_the_calls_k(kwargs)
     try:
         return build_model_with_cfg(
             LookWhere,
@@ -834,24 +897,43 @@ def _create_lookwhere(variant: str, pretrained: bool = False, **kwargs) -> LookW
         raise RuntimeError(weights_unavailable_message(variant, cfg.hf_hub_id, cfg.hf_hub_filename)) from err
 
 
+def _prefer_the_calls_k(kwargs: Dict[str, Any]) -> None:
+    """`create_model('local-dir:EXPORT', k=8)`: timm adds the export's saved k setting (k or k_ratio) to the call's
+    arguments; the call's own setting, in either form, replaces the saved default."""
+    saved = kwargs.get('pretrained_model_args') or {}
+    if 'k' not in kwargs or 'k_ratio' not in kwargs:
+        return
+    from_saved = [key for key in ('k', 'k_ratio') if key in saved and saved[key] == kwargs[key]]
+    if len(from_saved) == 1:
+        del kwargs[from_saved[0]]
+
+
 WEIGHTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'weights')
+# the command that trains (and with --ship, installs) the shipped sign models and their teachers
+SIGNS_RECIPE = 'python -m timm_lookwhere.recipes.sparse_signs'
 
 
-def _check_weights_file(variant: str, tag: Any, overlay: Dict[str, Any]) -> None:
-    """A local weights file that is not there: say which, and what to do (timm raises a bare error)."""
+def _check_weights_file(variant: str, tag: Any, overlay: Dict[str, Any]) -> Optional[str]:
+    """A local weights file that is missing or not a weights file: say which, and what to do (timm raises a
+    bare error). Returns the file's path, None where the weights come from elsewhere (the Hub, a URL)."""
     if overlay.get('file'):
-        if not os.path.isfile(overlay['file']):
+        if not os.path.exists(overlay['file']):
             raise FileNotFoundError(
                 f"pretrained_cfg_overlay file {overlay['file']!r} does not exist (working directory "
-                f"{os.getcwd()}); pass the path of a weights file: the authors' .pt, or a .safetensors/.pth state dict")
-        return
+                f"{os.getcwd()}); pass the path of a weights file: {WEIGHTS_FILE_KINDS}")
+        read_weights_file(overlay['file'], mmap=True)
+        return overlay['file']
     if overlay.get('url') or overlay.get('hf_hub_id'):
-        return
+        return None
     cfg = get_pretrained_cfg(f'{variant}.{tag}' if isinstance(tag, str) else variant)
-    if cfg is not None and cfg.file and not os.path.isfile(cfg.file):
-        raise FileNotFoundError(
-            f'the weights of {variant}.{cfg.tag} are not installed: {cfg.file} is missing. Reinstall '
-            f'timm-lookwhere, or train and ship them with benchmarks/sparse_signs.py --ship')
+    if cfg is not None and cfg.file:
+        if not os.path.isfile(cfg.file):
+            raise FileNotFoundError(
+                f'the weights of {variant}.{cfg.tag} are not installed: {cfg.file} is missing. Reinstall '
+                f'timm-lookwhere, or train and ship them with {SIGNS_RECIPE} --ship')
+        read_weights_file(cfg.file, mmap=True)
+        return cfg.file
+    return None
 
 
 def _cfg(**kwargs) -> Dict[str, Any]:
@@ -959,7 +1041,7 @@ def create_teacher(model_name: str, pretrained: bool = True, **kwargs) -> Vision
     if not os.path.isfile(file):
         raise FileNotFoundError(
             f'the shipped teacher weights {file} are missing: reinstall timm-lookwhere, or train them with '
-            f'benchmarks/sparse_signs.py --ship')
+            f'{SIGNS_RECIPE} --ship')
     overlay = dict(file=file, num_classes=args['num_classes'])  # num_classes in the overlay keeps the head
     return timm.create_model(TEACHER_BASE, pretrained=True, pretrained_cfg_overlay=overlay, **args)
 
