@@ -176,7 +176,7 @@ def test_shipped_sign_model_keeps_its_accuracy_on_fresh_test_scenes(name):
 def test_each_shipped_sign_model_loads_its_teacher_with_one_call(name):
     from safetensors.torch import load_file
     from timm_lookwhere import create_teacher
-    from timm_lookwhere.lookwhere import SHIPPED_TEACHER_FILES
+    from timm_lookwhere.teachers import SHIPPED_TEACHER_FILES
     teacher = create_teacher(name)
     shipped = load_file(SHIPPED_TEACHER_FILES[name])
     assert teacher.num_classes == len(CLASS_NAMES) and teacher.patch_embed.img_size == timm.get_pretrained_cfg(

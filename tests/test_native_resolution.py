@@ -8,7 +8,8 @@ import timm
 from timm.layers import resample_abs_pos_embed
 from timm.models import get_model_traits
 
-from timm_lookwhere.lookwhere import AUTHORS_SELECTOR_DOWNSCALE, sample_abs_pos_embed
+from timm_lookwhere.layers import sample_abs_pos_embed
+from timm_lookwhere.lookwhere import AUTHORS_SELECTOR_DOWNSCALE
 
 from conftest import TINY, randomize_
 

@@ -5,14 +5,14 @@ Importing this package (or timm, once the package is installed) registers `lookw
 `lookwhere_vitt16_512` with timm, so `timm.create_model(...)` builds them. `create_teacher(name)` builds
 the full-resolution ViT a pretrained one was distilled from.
 """
-from .dense import idw_fill, nearest_chosen
 from .checkpoints import convert_authors_checkpoint
-from .lookwhere import (
-    LookWhere, LookWhereSelector, SelectionRecorder, TopKSelect, checkpoint_filter_fn, create_teacher,
-)
+from .dense import idw_fill, nearest_chosen
+from .layers import SparsePatchEmbed
+from .lookwhere import LookWhere, LookWhereSelector, SelectionRecorder, TopKSelect, checkpoint_filter_fn
+from .teachers import create_teacher
 
 __all__ = [
-    'LookWhere', 'LookWhereSelector', 'SelectionRecorder', 'TopKSelect', 'checkpoint_filter_fn', 'create_teacher',
-    'idw_fill', 'nearest_chosen', 'convert_authors_checkpoint',
+    'LookWhere', 'LookWhereSelector', 'SelectionRecorder', 'TopKSelect', 'SparsePatchEmbed', 'checkpoint_filter_fn',
+    'create_teacher', 'idw_fill', 'nearest_chosen', 'convert_authors_checkpoint',
 ]
 __version__ = '0.1.0'

@@ -81,7 +81,8 @@ def read_weights_file(path: Union[str, os.PathLike], mmap: bool = False) -> Dict
     """
     path = Path(path)
     if path.is_dir():
-        raise IsADirectoryError(f'{path} is a folder, not a weights file; pass the file inside it ({WEIGHTS_FILE_KINDS})')
+        raise IsADirectoryError(
+            f'{path} is a folder, not a weights file; pass the file inside it ({WEIGHTS_FILE_KINDS})')
     if not path.is_file():
         raise FileNotFoundError(f'no checkpoint file at {path} (working directory {os.getcwd()})')
     if path.stat().st_size == 0:

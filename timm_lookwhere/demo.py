@@ -23,7 +23,8 @@ from timm.data import ImageNetInfo, resolve_data_config
 from timm.utils import ParseKwargs
 
 from .data import AREA_RANGE, CLASS_NAMES, WIDE_AREA_RANGE, generate_scene, patches_under_box
-from .lookwhere import TEACHER_BASE, LookWhere, SelectionRecorder, create_teacher, dense_counterpart_kwargs
+from .lookwhere import LookWhere, SelectionRecorder
+from .teachers import TEACHER_BASE, create_teacher, dense_counterpart_kwargs
 from .cli import non_negative_int, positive_int
 from .cost import median_latency_ms
 
@@ -55,7 +56,8 @@ _INFERNO = np.array([(0, 0, 4), (87, 16, 110), (188, 55, 84), (249, 142, 9), (25
 def _create(args: argparse.Namespace) -> nn.Module:
     kwargs = dict(args.model_kwargs or {})
     if not args.model.startswith('lookwhere_') or not timm.is_model(args.model):
-        raise ValueError(f'--model {args.model} is not a LookWhere model; choose one of {timm.list_models("lookwhere_*")}')
+        raise ValueError(
+            f'--model {args.model} is not a LookWhere model; choose one of {timm.list_models("lookwhere_*")}')
     if args.checkpoint:
         if not os.path.exists(args.checkpoint):
             raise FileNotFoundError(f'--checkpoint {args.checkpoint} does not exist')
@@ -282,18 +284,27 @@ def _sign_coverage(scene, indices: torch.Tensor, model: LookWhere) -> str:
     return f'{len(under & set(indices.tolist()))} of the {len(under)} patches under the sign'
 
 
-def run_demo(args: argparse.Namespace) -> int:
+def _model_and_image(args: argparse.Namespace, command: str):
+    """(model, image, generated scene or None) as the command's arguments ask; None once it has said what is
+    wrong and the way out."""
     try:
         _check_output(args.output)
         model = _create(args)
-        image, scene = _scene_or_image(args, model)
+        return (model, *_scene_or_image(args, model))
     except (RuntimeError, OSError, ValueError) as err:
-        print(f'lookwhere demo: {err}')
+        print(f'lookwhere {command}: {err}')
         offline = isinstance(err, RuntimeError)  # weights neither reachable nor cached (or timm's own Hub error)
         if offline and args.model.split('.')[0] not in SIGN_SCENES and not args.checkpoint:
             print('Without network, use the offline model (`lookwhere demo`) or pass the weights file: '
-                  f'`lookwhere demo --model {args.model} --checkpoint FILE --image {args.image or "PHOTO"}`')
+                  f'`lookwhere {command} --model {args.model} --checkpoint FILE --image {args.image or "PHOTO"}`')
+        return None
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    loaded = _model_and_image(args, 'demo')
+    if loaded is None:
         return 1
+    model, image, scene = loaded
     torch.set_num_threads(args.threads)
     x = to_input(model, image)
     logits, scores, indices = _look(model, x)
@@ -342,13 +353,10 @@ def run_demo(args: argparse.Namespace) -> int:
 
 
 def run_show(args: argparse.Namespace) -> int:
-    try:
-        _check_output(args.output)
-        model = _create(args)
-        image, scene = _scene_or_image(args, model)
-    except (RuntimeError, OSError, ValueError) as err:
-        print(f'lookwhere show: {err}')
+    loaded = _model_and_image(args, 'show')
+    if loaded is None:
         return 1
+    model, image, scene = loaded
     x = to_input(model, image)
     logits, scores, indices = _look(model, x)
     description = _describe(logits, class_names(model))
@@ -389,7 +397,8 @@ def _add_model_arguments(parser: argparse.ArgumentParser, default_model: Optiona
                              "else the model's)")
     parser.add_argument('--image', default=None, metavar='PATH', help='an image file (default: a generated scene)')
     parser.add_argument('--seed', type=non_negative_int, default=0, help='seed of the generated scene (default: 0)')
-    parser.add_argument('--index', type=non_negative_int, default=0, help='index of the generated test scene (default: 0)')
+    parser.add_argument('--index', type=non_negative_int, default=0,
+                        help='index of the generated test scene (default: 0)')
 
 
 def add_subcommand(subparsers: argparse._SubParsersAction) -> None:
@@ -398,7 +407,8 @@ def add_subcommand(subparsers: argparse._SubParsersAction) -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_model_arguments(demo, f'{SIGNS_MODEL}.{SIGNS_TAG}')
     demo.add_argument('--output', default='lookwhere_demo.png', help='figure to write (default: %(default)s)')
-    demo.add_argument('--runs', type=positive_int, default=20, help='timed forwards of each model (default: %(default)s)')
+    demo.add_argument('--runs', type=positive_int, default=20,
+                      help='timed forwards of each model (default: %(default)s)')
     demo.add_argument('--threads', type=positive_int, default=torch.get_num_threads(),
                       help='torch threads (default: %(default)s)')
     demo.set_defaults(func=run_demo)

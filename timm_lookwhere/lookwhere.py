@@ -1,4 +1,4 @@
-""" LookWhere: a low-res selector predicts where to look, an extractor sees only the top-k high-res patches.
+"""The LookWhere model family: a low-res selector predicts where to look, a ViT extractor sees only the top-k patches.
 
 Paper: `LookWhere? Efficient Visual Recognition by Learning Where to Look and What to See from
 Self-Supervision` - https://arxiv.org/abs/2505.18051 (NeurIPS 2025). Authors' code and weights:
@@ -12,21 +12,23 @@ Forward for one 518x518 image (ViT-B/14, k = 10%):
                the selector's prefix tokens go in front, 12 blocks, final norm
     outputs:   cls token -> head; or every patch of the grid filled from the 136 (forward_dense)
 """
+import importlib
 import logging
 import math
 import numbers
 import os
+import warnings
 from typing import Any, Dict, List, Optional, Set, Tuple, Type, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from einops.layers.torch import Rearrange
 from huggingface_hub.errors import LocalEntryNotFoundError
 
-import timm
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import (
-    LayerNorm, Mlp, PatchEmbed, SwiGLUPacked, calculate_drop_path_rates, register_notrace_function,
+    LayerNorm, Mlp, SwiGLUPacked, calculate_drop_path_rates, register_notrace_function,
     register_notrace_module, resample_abs_pos_embed, to_2tuple, trunc_normal_,
 )
 from timm.models import (
@@ -36,16 +38,34 @@ from timm.models import (
 from timm.models._features import feature_take_indices
 from timm.models.vision_transformer import Block, VisionTransformer, global_pool_nlc, init_weights_vit_timm
 
-from .dense import idw_fill
 from .checkpoints import (
     WEIGHTS_FILE_KINDS, check_state_dict_keys, convert_authors_checkpoint, is_authors_layout, read_weights_file,
     stored_num_classes, weights_unavailable_message,
 )
+from .dense import idw_fill
+from .layers import SparsePatchEmbed, check_image_batch
 
 __all__ = [
     'LookWhere', 'LookWhereSelector', 'TopKSelect', 'SelectionRecorder', 'checkpoint_filter_fn',
-    'TEACHER_BASE', 'dense_counterpart_kwargs', 'create_teacher',
 ]
+
+# Names that lived here before each moved to the module whose job it is; importing them from here still
+# works for one release, with a DeprecationWarning.
+_MOVED = {
+    'check_image_batch': 'layers', 'sample_abs_pos_embed': 'layers',
+    'TEACHER_BASE': 'teachers', 'SHIPPED_TEACHER_FILES': 'teachers', 'ZOO_TEACHERS': 'teachers',
+    'dense_counterpart_kwargs': 'teachers', 'create_teacher': 'teachers',
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _MOVED:
+        raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
+    module = f'timm_lookwhere.{_MOVED[name]}'
+    warnings.warn(f'timm_lookwhere.lookwhere.{name} moved to {module}; import it from there', DeprecationWarning,
+                  stacklevel=2)
+    return getattr(importlib.import_module(module), name)
+
 
 _logger = logging.getLogger(__name__)
 
@@ -61,62 +81,6 @@ except ImportError:  # older timm keeps no traits to update
 
 # --------------------------------------------------------------------------------------------
 # building blocks
-
-
-@torch.jit.ignore  # TorchScript has no is_autocast_enabled(device_type); a scripted graph calls back into Python
-def _autocast_enabled(device_type: str) -> bool:
-    return torch.is_autocast_enabled(device_type)
-
-
-@register_notrace_function
-def check_image_batch(
-        x: torch.Tensor,
-        in_chans: int,
-        patch_size: int,
-        img_size: Optional[Tuple[int, int]] = None,
-        pad: bool = False,
-        dtype: Optional[torch.dtype] = None,
-) -> torch.Tensor:
-    """Raise a ValueError/TypeError that names what is wrong with an input batch, and the way out;
-    return the batch.
-
-    Registered as a no-trace function, FX keeps it as one call in the graph, and because the model
-    goes on with what it returns, graph clean-up (e.g. torchvision's feature extractor) keeps it too:
-    a traced model still checks its input at run time. Written in TorchScript's subset, so the
-    traced graph also scripts.
-
-    Args:
-        img_size: the one (H, W) a fixed-size model takes; None for a model that takes every size.
-        pad: sides need not be multiples of the patch size (the model pads them).
-        dtype: the model's weights' dtype, which a batch must have outside autocast.
-    """
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f'expected an image tensor (B, C, H, W), got {type(x).__name__}')
-    if x.dim() != 4:
-        raise ValueError(f'expected an image batch (B, C, H, W), got shape {list(x.shape)}')
-    if x.shape[1] != in_chans:
-        raise ValueError(f'expected {in_chans} input channels, got {x.shape[1]} (shape {list(x.shape)})')
-    if not x.is_floating_point():
-        raise TypeError(
-            f'expected a float image batch normalised with the pretrained cfg\'s mean/std, got {x.dtype} '
-            f'(raw pixels?); transform images with timm.data.create_transform(**timm.data.resolve_data_config('
-            f'model=model)), or compute (x / 255 - mean) / std')
-    if dtype is not None and x.dtype != dtype and not _autocast_enabled(x.device.type):
-        raise TypeError(
-            f'the batch is {x.dtype} but the model\'s weights are {dtype}: convert the batch (x.to({dtype})) or '
-            f'the model (model.to({x.dtype})), or run under torch.autocast')
-    height, width = x.shape[2], x.shape[3]
-    if height < 1 or width < 1:
-        raise ValueError(f'expected an image of at least 1x1 pixels, got {height}x{width}')
-    if not pad and (height % patch_size != 0 or width % patch_size != 0):
-        raise ValueError(
-            f'image sides must be multiples of the patch size {patch_size}, got {height}x{width}; crop or '
-            f'resize them, or create the model with dynamic_img_size=True, dynamic_img_pad=True to pad them')
-    if img_size is not None and (height != img_size[0] or width != img_size[1]):
-        raise ValueError(
-            f'this model was built for {img_size[0]}x{img_size[1]} images, got {height}x{width}; create it '
-            f'with img_size=({height}, {width}), or with dynamic_img_size=True to take every size')
-    return x
 
 
 @register_notrace_function
@@ -139,53 +103,6 @@ def check_selection(indices: torch.Tensor, batch_size: int, num_patches: int, ch
                 f'the selection hook returned patch ids outside [0, {num_patches}) for this '
                 f'{num_patches}-patch grid: {shown}{more}')
     return indices.long()
-
-
-def _cubic_taps(dst: torch.Tensor, in_len: int, out_len: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Where F.interpolate(mode='bicubic', align_corners=False, antialias=False) reads output cells `dst`
-    of an axis resized from in_len to out_len: (..., 4) source ids (clamped to the axis) and weights."""
-    scale = torch.tensor(in_len, dtype=torch.float32) / out_len  # as ATen: float32 in / out
-    src = (dst.float() + 0.5) * scale - 0.5
-    first = src.floor().clamp(max=in_len - 1)
-    t = (src - first).clamp(0, 1)[..., None]  # (..., 1)
-    a = -0.75  # ATen's cubic convolution coefficient
-    d = torch.cat([t + 1, t, 1 - t, 2 - t], dim=-1)  # distances to the 4 taps, (..., 4)
-    near = ((a + 2) * d - (a + 3)) * d * d + 1  # |d| <= 1
-    far = ((a * d - 5 * a) * d + 8 * a) * d - 4 * a  # 1 < |d| < 2
-    weights = torch.cat([far[..., :1], near[..., 1:3], far[..., 3:]], dim=-1)
-    taps = (first.long()[..., None] + torch.arange(-1, 3, device=dst.device)).clamp(0, in_len - 1)
-    return taps, weights
-
-
-@register_notrace_function
-def sample_abs_pos_embed(
-        pos_embed: torch.Tensor,
-        old_size: Tuple[int, int],
-        new_size: Tuple[int, int],
-        indices: torch.Tensor,
-) -> torch.Tensor:
-    """Position embeddings of chosen cells of a grid resized from `old_size` to `new_size`, in O(k).
-
-    Equal (within float rounding) to `resample_abs_pos_embed(pos_embed, new_size, old_size,
-    num_prefix_tokens=0, interpolation='bicubic', antialias=False)[0][indices]`, the authors' resize
-    followed by a gather, without building the (rows * cols, D) grid: each chosen cell mixes its
-    4x4 bicubic taps of the stored grid.
-
-    Args:
-        pos_embed: (1, old_rows * old_cols, D) stored embeddings.
-        indices: (B, k) flat ids of cells of the new (rows, cols) grid.
-
-    Returns:
-        (B, k, D) in pos_embed's dtype.
-    """
-    rows, cols = new_size
-    row_taps, row_weights = _cubic_taps(indices // cols, old_size[0], rows)  # (B, k, 4) each
-    col_taps, col_weights = _cubic_taps(indices % cols, old_size[1], cols)
-    taps = (row_taps[..., :, None] * old_size[1] + col_taps[..., None, :]).flatten(-2)  # (B, k, 16)
-    weights = (row_weights[..., :, None] * col_weights[..., None, :]).flatten(-2)  # (B, k, 16)
-    table = pos_embed[0].float()  # (old_rows * old_cols, D), interpolated in float32 as timm does
-    sampled = F.embedding_bag(taps.flatten(0, 1), table, per_sample_weights=weights.flatten(0, 1), mode='sum')
-    return sampled.view(indices.shape[0], indices.shape[1], table.shape[1]).to(pos_embed.dtype)  # (B, k, D)
 
 
 def _as_count(k: Any) -> int:
@@ -227,6 +144,22 @@ def _check_global_pool(global_pool: str) -> str:
 def _check_img_size(img_size: Tuple[int, int], patch_size: int) -> None:
     if any(s % patch_size or s <= 0 for s in img_size):
         raise ValueError(f'image sides must be positive multiples of the patch size {patch_size}, got {img_size}')
+
+
+def _check_k_fits(k: int, grid_size: Tuple[int, int], patch_size: int, way_out: str = '') -> None:
+    """k patches must exist on a (rows, cols) grid: between 1 and rows * cols."""
+    rows, cols = grid_size
+    where = f'{rows * cols} patches of a {rows}x{cols} grid ({rows * patch_size}x{cols * patch_size} px images)'
+    if k < 1:
+        raise ValueError(f'k={k} must be between 1 and the {where}')
+    if k > rows * cols:
+        raise ValueError(f'k={k} is more than the {where}: it must be between 1 and the {rows * cols} patches'
+                         + (f'; {way_out}' if way_out else ''))
+
+
+@register_notrace_module  # a leaf under FX, which cannot trace einops; as a module it scripts, compiles and exports
+class ScoreLayout(Rearrange):
+    """einops' Rearrange, kept whole by FX tracing."""
 
 
 class LookWhereSelector(nn.Module):
@@ -284,6 +217,9 @@ class LookWhereSelector(nn.Module):
         self.multiplier = math.ceil(map_grid / self.grid_size[0])
         self.antialias = antialias
         self.head = Mlp(embed_dim, 4 * embed_dim, self.multiplier ** 2, act_layer=nn.GELU, **dd)
+        # each low-res patch scores an m x m block of the high-res map, laid out as the authors do
+        self.map_layout = ScoreLayout(  # (B, h * w, m * m) -> (B, 1, h * m, w * m)
+            'b (h w) (i j) -> b 1 (h i) (w j)', h=self.grid_size[0], i=self.multiplier)
 
     def antialias_for(self, image_size: Tuple[int, int]) -> bool:
         """Whether the low-res copy of an (H, W) image is made with antialiasing (see `antialias`)."""
@@ -309,9 +245,7 @@ class LookWhereSelector(nn.Module):
         # contiguous: on a strided slice F.linear falls back to a batched matmul with the weight
         # copied per image (2x slower on CPU); a copy of the 121 tokens lets it use one GEMM
         scores = self.head(patches.contiguous())  # (B, 121, m*m)
-        (h, w), m = self.grid_size, self.multiplier
-        scores = scores.view(scores.shape[0], h, w, m, m).permute(0, 1, 3, 2, 4)  # (B, 11, 4, 11, 4)
-        scores = scores.reshape(scores.shape[0], 1, h * m, w * m)  # (B, 1, 44, 44)
+        scores = self.map_layout(scores)  # (B, 1, 44, 44)
         scores = F.interpolate(scores, size=out_size, mode='bilinear', align_corners=False)  # (B, 1, rows, cols)
         return scores.flatten(1), prefix  # (B, rows * cols), (B, P, D)
 
@@ -467,10 +401,9 @@ class LookWhere(nn.Module):
         self.num_reg_tokens = reg_tokens
         self.has_class_token = True
 
-        # only its weights are used (on the chosen patches); strict_img_size tells timm whether the size is fixed
-        self.patch_embed = PatchEmbed(
+        self.patch_embed = SparsePatchEmbed(
             img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim,
-            strict_img_size=not dynamic_img_size, dynamic_img_pad=dynamic_img_pad, **dd)
+            dynamic_img_size=dynamic_img_size, dynamic_img_pad=dynamic_img_pad, **dd)
         self.pos_embed = nn.Parameter(torch.empty(1, self.patch_embed.num_patches, embed_dim, **dd))
         self.topk = TopKSelect(1)
         if k is None and k_ratio is None:
@@ -521,10 +454,7 @@ class LookWhere(nn.Module):
             raise ValueError(f'give exactly one of k or k_ratio, got k={k!r}, k_ratio={k_ratio!r}')
         if k is not None:
             k = _as_count(k)
-            if not 1 <= k <= self.num_patches:
-                raise ValueError(
-                    f'k={k} must be between 1 and the {self.num_patches} patches of a '
-                    f'{self.grid_size[0]}x{self.grid_size[1]} grid')
+            _check_k_fits(k, self.grid_size, self.patch_embed.patch_size[0])
         else:
             if isinstance(k_ratio, (bool, torch.Tensor)) or not isinstance(k_ratio, numbers.Real):
                 raise TypeError(f'k_ratio must be a float, got {type(k_ratio).__name__}')
@@ -559,10 +489,8 @@ class LookWhere(nn.Module):
         img_size = to_2tuple(img_size)
         patch = self.patch_embed.patch_size[0]
         _check_img_size(img_size, patch)
-        if self.k_ratio is None and self.k > (img_size[0] // patch) * (img_size[1] // patch):
-            raise ValueError(
-                f'k={self.k} is more than the {(img_size[0] // patch) * (img_size[1] // patch)} patches of '
-                f'{img_size[0]}x{img_size[1]} images; set_k first')
+        if self.k_ratio is None:
+            _check_k_fits(self.k, (img_size[0] // patch, img_size[1] // patch), patch, 'set_k first')
         old_grid = self.grid_size
         self.patch_embed.set_input_size(img_size=img_size)
         if self.grid_size != old_grid:
@@ -643,11 +571,8 @@ class LookWhere(nn.Module):
         (B, N) map logits, (B, P, D) prefix tokens, (B, k) chosen patch ids."""
         rows, cols = self.grid_size if grid_size is None else grid_size
         patch = self.patch_embed.patch_size[0]
-        k = self.topk.num_keep(rows * cols)
-        if k > rows * cols:
-            raise ValueError(
-                f'k={k} is more than the {rows * cols} patches of a {rows}x{cols} grid ({rows * patch}x'
-                f'{cols * patch} px images); set a smaller k, or a k_ratio that follows the image size')
+        _check_k_fits(self.topk.num_keep(rows * cols), (rows, cols), patch,
+                      'set a smaller k, or a k_ratio that follows the image size')
         antialias = self.selector.antialias_for((rows * patch, cols * patch))
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.selector_trainable):
             scores, prefix = self.selector(x, (rows, cols), antialias)  # (B, N), (B, P, D)
@@ -661,29 +586,9 @@ class LookWhere(nn.Module):
             indices: torch.Tensor,
             grid_size: Optional[Tuple[int, int]] = None,
     ) -> torch.Tensor:
-        """Cut out only the chosen patches, then embed them: (B, C, H, W), (B, k) -> (B, k, D).
-
-        The position embedding of each chosen patch is read from the stored grid, interpolated
-        there when the image's (rows, cols) grid is another (O(k), see `sample_abs_pos_embed`).
-        """
-        B, C = x.shape[0], x.shape[1]
-        k = indices.shape[1]
-        (rows, cols), p = (self.grid_size if grid_size is None else grid_size), self.patch_embed.patch_size[0]
-        # Every run of p pixels of an image row is a row of a (B * C * H * cols, p) view, so one
-        # index_select of C * p runs per patch cuts them out: 2x faster on CPU than advanced
-        # indexing into the (B, C, rows, p, cols, p) grid, and the result is already (B * k, C * p * p).
-        runs = x.contiguous().view(B * C * rows * p * cols, p)
-        batch = torch.arange(B, device=x.device)[:, None]
-        first = (batch * C * rows * p + (indices // cols) * p) * cols + indices % cols  # (B, k): channel 0, row 0
-        channel_rows = torch.arange(C, device=x.device)[:, None] * rows * p + torch.arange(p, device=x.device)
-        patches = runs.index_select(0, (first[..., None] + channel_rows.flatten() * cols).flatten())  # (B*k*C*p, p)
-        proj = self.patch_embed.proj
-        tokens = F.linear(patches.view(B * k, C * p * p), proj.weight.flatten(1), proj.bias)
-        tokens = tokens.view(B, k, proj.out_channels)
-        tokens = self.patch_embed.norm(tokens)  # (B, k, D)
-        if (rows, cols) == self.grid_size:
-            return tokens + self.pos_embed[0][indices]
-        return tokens + sample_abs_pos_embed(self.pos_embed, self.grid_size, (rows, cols), indices)
+        """Cut out only the chosen patches, embed them and add their position embeddings: (B, C, H, W), (B, k)
+        -> (B, k, D) on a (rows, cols) grid (default: the model's own); see `SparsePatchEmbed`."""
+        return self.patch_embed(x, indices, self.grid_size if grid_size is None else grid_size, self.pos_embed)
 
     def _input_tokens(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, Tuple[int, int]]:
         """The extractor's input: (B, N) map logits, (B, k) chosen ids, (B, P + k, D) tokens, the (rows, cols) grid."""
@@ -972,78 +877,20 @@ default_cfgs = generate_default_cfgs({
             'load, the selector unchanged. Not a size the authors evaluated.',),
     ),
     'lookwhere_vits_518': _cfg(notes=('No published weights: pre-train it with timm_lookwhere.distill.',)),
-    # trained by benchmarks/sparse_signs.py and shipped inside the package: loads offline
+    # trained by the sparse-signs recipe (SIGNS_RECIPE) and shipped inside the package: loads offline
     'lookwhere_vitt16_256.sparse_signs': _cfg(
         file=os.path.join(WEIGHTS_DIR, 'lookwhere_vitt16_256_sparse_signs.safetensors'),
         num_classes=14, input_size=(3, 256, 256), interpolation='bilinear',
         notes=('Sparse traffic signs (timm_lookwhere.data): teacher trained, distilled, fine-tuned with the '
-               'selector frozen, all by benchmarks/sparse_signs.py --config 256.',),
+               f'selector frozen, all by `{SIGNS_RECIPE} --config 256`.',),
     ),
     'lookwhere_vitt16_512.sparse_signs': _cfg(
         file=os.path.join(WEIGHTS_DIR, 'lookwhere_vitt16_512_sparse_signs.safetensors'),
         num_classes=14, input_size=(3, 512, 512), interpolation='bilinear',
         notes=('Sparse traffic signs in 512 px scenes, the sign 0.25-0.5% of the image (timm_lookwhere.data, '
-               'WIDE_AREA_RANGE): benchmarks/sparse_signs.py --config 512.',),
+               f'WIDE_AREA_RANGE): `{SIGNS_RECIPE} --config 512`.',),
     ),
 })
-
-
-# The timm entry dense (full-resolution) ViTs are built from: its defaults (no position embedding slot
-# for the cls token, ImageNet mean/std) are LookWhere's; its size comes from dense_counterpart_kwargs.
-TEACHER_BASE = 'vit_small_patch14_reg4_dinov2'
-# The teacher each shipped model was distilled from, when the package ships it (benchmarks/sparse_signs.py).
-SHIPPED_TEACHER_FILES = {
-    'lookwhere_vitt16_256.sparse_signs': os.path.join(WEIGHTS_DIR, 'vit_teacher_vitt16_256_sparse_signs.safetensors'),
-    'lookwhere_vitt16_512.sparse_signs': os.path.join(WEIGHTS_DIR, 'vit_teacher_vitt16_512_sparse_signs.safetensors'),
-}
-# The teacher of the authors' weights is in timm's own zoo.
-ZOO_TEACHERS = {'lookwhere_vitb_518.dinov2': 'vit_base_patch14_reg4_dinov2.lvd142m'}
-
-
-def dense_counterpart_kwargs(model: LookWhere) -> Dict[str, Any]:
-    """`timm.create_model(TEACHER_BASE, **kwargs)` arguments for a ViT with the extractor's blocks
-    that sees every patch: the full-resolution model LookWhere is compared with (and distilled from)."""
-    block = model.blocks[0]
-    kwargs = dict(
-        img_size=tuple(model.patch_embed.img_size), patch_size=model.patch_embed.patch_size[0],
-        embed_dim=model.embed_dim, depth=len(model.blocks), num_heads=block.attn.num_heads,
-        mlp_ratio=block.mlp.fc1.out_features / model.embed_dim, reg_tokens=model.num_reg_tokens,
-        init_values=None if isinstance(block.ls1, nn.Identity) else 1e-5, num_classes=model.num_classes,
-    )
-    if type(block.mlp).__name__ != 'Mlp':  # e.g. Franca's SwiGLU
-        kwargs.update(mlp_layer=type(block.mlp), act_layer=type(block.mlp.act))
-    if kwargs['img_size'][0] == kwargs['img_size'][1]:
-        kwargs['img_size'] = kwargs['img_size'][0]
-    return kwargs
-
-
-def create_teacher(model_name: str, pretrained: bool = True, **kwargs) -> VisionTransformer:
-    """The full-resolution ViT a pretrained LookWhere was distilled from, e.g.
-    `create_teacher('lookwhere_vitt16_256.sparse_signs')` (shipped in the package, loads offline).
-
-    Args:
-        model_name: a LookWhere name with its pretrained tag (the default tag when none is given).
-        pretrained: load the teacher's weights; False builds the same architecture at random.
-        **kwargs: more `timm.create_model` arguments (e.g. img_size for the shipped teachers).
-    """
-    cfg = get_pretrained_cfg(model_name)
-    name = f'{model_name.split(".")[0]}.{cfg.tag}' if cfg is not None else model_name
-    if name in ZOO_TEACHERS:
-        return timm.create_model(ZOO_TEACHERS[name], pretrained=pretrained, **kwargs)
-    if name not in SHIPPED_TEACHER_FILES:
-        known = sorted(SHIPPED_TEACHER_FILES) + sorted(ZOO_TEACHERS)
-        raise ValueError(f'no known teacher for {model_name!r}; teachers are known for {known}')
-    lookwhere = timm.create_model(name.split('.')[0], num_classes=cfg.num_classes, weight_init='skip')
-    args = dict(dense_counterpart_kwargs(lookwhere), **kwargs)
-    if not pretrained:
-        return timm.create_model(TEACHER_BASE, **args)
-    file = SHIPPED_TEACHER_FILES[name]
-    if not os.path.isfile(file):
-        raise FileNotFoundError(
-            f'the shipped teacher weights {file} are missing: reinstall timm-lookwhere, or train them with '
-            f'{SIGNS_RECIPE} --ship')
-    overlay = dict(file=file, num_classes=args['num_classes'])  # num_classes in the overlay keeps the head
-    return timm.create_model(TEACHER_BASE, pretrained=True, pretrained_cfg_overlay=overlay, **args)
 
 
 @register_model
@@ -1089,10 +936,7 @@ def lookwhere_vits_518(pretrained: bool = False, **kwargs) -> LookWhere:
 
 @register_model
 def lookwhere_vitt16_256(pretrained: bool = False, **kwargs) -> LookWhere:
-    """LookWhere ViT-Tiny-class /16 at 256 px (128 wide, 6 blocks, no registers): 1-block selector at 128 px.
-
-    The `sparse_signs` tag is the model of benchmarks/sparse_signs.py, shipped in the package.
-    """
+    """LookWhere ViT-Tiny-class /16 at 256 px (128 wide, 6 blocks, no registers): 1-block selector at 128 px."""
     model_args = dict(
         img_size=256, patch_size=16, embed_dim=128, depth=6, num_heads=4, init_values=1e-5, reg_tokens=0,
         selector_img_size=128, selector_depth=1, map_grid=16,
@@ -1102,13 +946,7 @@ def lookwhere_vitt16_256(pretrained: bool = False, **kwargs) -> LookWhere:
 
 @register_model
 def lookwhere_vitt16_512(pretrained: bool = False, **kwargs) -> LookWhere:
-    """LookWhere ViT-Tiny-class /16 at 512 px (128 wide, 6 blocks, no registers): 1-block selector at 208 px.
-
-    The `sparse_signs` tag is the high-res model of benchmarks/sparse_signs.py, shipped in the package. Its
-    selector sees a 208 px copy: among the top 5% it found 41% of a sign's patches at 128 px (a 4x
-    downscale), 56% at 192 px and 58% at 208 px, the largest copy that keeps LookWhere at k = 5% 20x
-    under its teacher's FLOPs (benchmarks/README.md, levers).
-    """
+    """LookWhere ViT-Tiny-class /16 at 512 px (128 wide, 6 blocks, no registers): 1-block selector at 208 px."""
     model_args = dict(
         img_size=512, patch_size=16, embed_dim=128, depth=6, num_heads=4, init_values=1e-5, reg_tokens=0,
         selector_img_size=208, selector_depth=1, map_grid=32,
