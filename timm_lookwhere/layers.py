@@ -6,13 +6,13 @@ module (hook it to read or change the extractor's patch tokens). It keeps timm's
 weights (`patch_embed.proj`, `patch_embed.norm`), so checkpoints, layer decay and timm's feature tools see a
 ViT; the model keeps its `pos_embed` and hands it in.
 """
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from timm.layers import PatchEmbed, register_notrace_function, register_notrace_module
 
-__all__ = ['SparsePatchEmbed', 'check_image_batch', 'sample_abs_pos_embed']
+__all__ = ['SparsePatchEmbed', 'check_image_batch', 'sample_abs_pos_embed', 'naflex_cells', 'image_from_cells']
 
 
 @torch.jit.ignore  # TorchScript has no is_autocast_enabled(device_type); a scripted graph calls back into Python
@@ -155,6 +155,11 @@ class SparsePatchEmbed(PatchEmbed):
     ) -> torch.Tensor:
         """(B, C, H, W) image on whole patches of a (rows, cols) grid, (B, k) chosen ids, (1, N, D) position
         embeddings stored at `self.grid_size` -> (B, k, D) tokens of the chosen patches."""
+        return self.embed_pixels(self.cut(x, indices, grid_size), indices, grid_size, pos_embed)
+
+    def cut(self, x: torch.Tensor, indices: torch.Tensor, grid_size: Tuple[int, int]) -> torch.Tensor:
+        """(B, C, H, W) image, (B, k) ids of cells of its (rows, cols) grid -> (B, k, C * p * p) pixels of
+        those patches, in the (C, p, p) order of the projection's weight."""
         B, C = x.shape[0], x.shape[1]
         k = indices.shape[1]
         (rows, cols), p = grid_size, self.patch_size[0]
@@ -166,8 +171,66 @@ class SparsePatchEmbed(PatchEmbed):
         first = (batch * C * rows * p + (indices // cols) * p) * cols + indices % cols  # (B, k): channel 0, row 0
         channel_rows = torch.arange(C, device=x.device)[:, None] * rows * p + torch.arange(p, device=x.device)
         patches = runs.index_select(0, (first[..., None] + channel_rows.flatten() * cols).flatten())  # (B*k*C*p, p)
-        tokens = F.linear(patches.view(B * k, C * p * p), self.proj.weight.flatten(1), self.proj.bias)
-        tokens = self.norm(tokens.view(B, k, self.proj.out_channels))  # (B, k, D)
+        return patches.view(B, k, C * p * p)
+
+    def embed_pixels(
+            self,
+            pixels: torch.Tensor,
+            indices: torch.Tensor,
+            grid_size: Tuple[int, int],
+            pos_embed: torch.Tensor,
+    ) -> torch.Tensor:
+        """(B, k, C * p * p) pixels of patches already cut, at (B, k) cells of a (rows, cols) grid -> (B, k, D)
+        tokens: the projection, the norm and the position embeddings of those cells."""
+        rows, cols = grid_size
+        tokens = F.linear(pixels, self.proj.weight.flatten(1), self.proj.bias)  # (B, k, D)
+        tokens = self.norm(tokens)
         if (rows, cols) == self.grid_size:
             return tokens + pos_embed[0][indices]
         return tokens + sample_abs_pos_embed(pos_embed, self.grid_size, (rows, cols), indices)
+
+
+def naflex_cells(
+        patches: torch.Tensor,
+        patch_coord: torch.Tensor,
+        patch_valid: torch.Tensor,
+        patch_size: int,
+        in_chans: int,
+        channels_last: bool = True,
+) -> List[Tuple[torch.Tensor, Tuple[int, int]]]:
+    """timm's NaFlex batch -> for each image, its patches by grid cell, (rows * cols, C * p * p) in the
+    projection's (C, p, p) order, and its (rows, cols) grid (from the largest coordinates of its valid patches).
+
+    Args:
+        patches: (B, N, p * p * C) as timm's NaFlexCollator pads them ((p, p, C) per patch, or (C, p, p) with
+            channels_last=False), or unflattened (B, N, p, p, C) / (B, N, C, p, p).
+        patch_coord: (B, N, 2) (row, col) of each patch.
+        patch_valid: (B, N) False for the collator's padding.
+    """
+    B, N = patches.shape[0], patches.shape[1]
+    p, C = patch_size, in_chans
+    if patches.numel() != B * N * p * p * C or patch_coord.shape[:2] != (B, N) or patch_valid.shape != (B, N):
+        raise ValueError(
+            f'a NaFlex batch of {p}x{p} patches with {C} channels needs patches (B, N, {p * p * C}), patch_coord '
+            f'(B, N, 2) and patch_valid (B, N); got {list(patches.shape)}, {list(patch_coord.shape)}, '
+            f'{list(patch_valid.shape)}: was the loader made with this model\'s patch size (get_patch_size())?')
+    pixels = patches.reshape(B, N, p, p, C).permute(0, 1, 4, 2, 3) if channels_last else patches.reshape(B, N, C, p, p)
+    pixels = pixels.reshape(B, N, C * p * p)
+    out = []
+    for b in range(B):
+        valid = patch_valid[b].bool()
+        if not valid.any():
+            raise ValueError(f'image {b} of the NaFlex batch has no valid patch')
+        coord = patch_coord[b][valid].long()  # (n, 2)
+        rows, cols = int(coord[:, 0].max()) + 1, int(coord[:, 1].max()) + 1
+        cells = pixels.new_zeros(rows * cols, C * p * p)
+        cells[coord[:, 0] * cols + coord[:, 1]] = pixels[b][valid]
+        out.append((cells, (rows, cols)))
+    return out
+
+
+def image_from_cells(cells: torch.Tensor, grid_size: Tuple[int, int], patch_size: int) -> torch.Tensor:
+    """(rows * cols, C * p * p) patches by cell -> the (C, rows * p, cols * p) image they tile."""
+    (rows, cols), p = grid_size, patch_size
+    C = cells.shape[1] // (p * p)
+    return cells.view(rows, cols, C, p, p).permute(2, 0, 3, 1, 4).reshape(C, rows * p, cols * p)

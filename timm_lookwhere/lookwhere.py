@@ -43,7 +43,7 @@ from .checkpoints import (
     stored_num_classes, weights_unavailable_message,
 )
 from .dense import idw_fill
-from .layers import SparsePatchEmbed, check_image_batch
+from .layers import SparsePatchEmbed, check_image_batch, image_from_cells, naflex_cells
 
 __all__ = [
     'LookWhere', 'LookWhereSelector', 'TopKSelect', 'SelectionRecorder', 'checkpoint_filter_fn',
@@ -68,6 +68,9 @@ def __getattr__(name: str) -> Any:
 
 
 _logger = logging.getLogger(__name__)
+
+# What a forward takes: a (B, C, H, W) batch, a list of (C, H_i, W_i) images of their own sizes, or timm's NaFlex dict
+Images = Union[torch.Tensor, List[torch.Tensor], Dict[str, torch.Tensor]]
 
 DEFAULT_K_RATIO = 0.1  # the authors' suggestion
 # The authors' selector sees a 518 px image at 154 px: a 3.4x bilinear downscale without antialiasing.
@@ -239,15 +242,26 @@ class LookWhereSelector(nn.Module):
         `antialias` is `antialias_for((H, W))`, decided by the caller, which knows the image size
         even where tracing hides it.
         """
-        x = F.interpolate(x, size=self.img_size, mode='bilinear', align_corners=False, antialias=antialias)
-        x = self.backbone.forward_features(x)  # (B, P + 121, D)
+        blocks, prefix = self.score_blocks(self.low_res_copy(x, antialias))  # (B, 1, 44, 44), (B, P, D)
+        return self.map_on_grid(blocks, out_size), prefix  # (B, rows * cols), (B, P, D)
+
+    def low_res_copy(self, x: torch.Tensor, antialias: bool = False) -> torch.Tensor:
+        """(B, C, H, W) -> (B, C, 154, 154): what the selector sees."""
+        return F.interpolate(x, size=self.img_size, mode='bilinear', align_corners=False, antialias=antialias)
+
+    def score_blocks(self, low_res: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(B, C, 154, 154) low-res copies -> (B, 1, 44, 44) scores in blocks of the map, (B, P, D) prefix tokens."""
+        x = self.backbone.forward_features(low_res)  # (B, P + 121, D)
         prefix, patches = x[:, :self.num_prefix_tokens], x[:, self.num_prefix_tokens:]
         # contiguous: on a strided slice F.linear falls back to a batched matmul with the weight
         # copied per image (2x slower on CPU); a copy of the 121 tokens lets it use one GEMM
         scores = self.head(patches.contiguous())  # (B, 121, m*m)
-        scores = self.map_layout(scores)  # (B, 1, 44, 44)
-        scores = F.interpolate(scores, size=out_size, mode='bilinear', align_corners=False)  # (B, 1, rows, cols)
-        return scores.flatten(1), prefix  # (B, rows * cols), (B, P, D)
+        return self.map_layout(scores), prefix  # (B, 1, 44, 44), (B, P, D)
+
+    @staticmethod
+    def map_on_grid(blocks: torch.Tensor, out_size: Tuple[int, int]) -> torch.Tensor:
+        """(B, 1, 44, 44) score blocks -> (B, rows * cols) logits, one per patch of a (rows, cols) grid."""
+        return F.interpolate(blocks, size=out_size, mode='bilinear', align_corners=False).flatten(1)
 
 
 @register_notrace_module  # a leaf under FX, so its forward hooks still run in a traced model
@@ -340,6 +354,7 @@ class LookWhere(nn.Module):
             k_ratio: Optional[float] = None,
             freeze_selector: bool = True,
             num_neighbors: int = 5,
+            patchify_channels_last: bool = True,
             weight_init: str = '',
             device=None,
             dtype=None,
@@ -367,6 +382,8 @@ class LookWhere(nn.Module):
                 loss (top-k is not differentiable) and stays frozen unless set otherwise, see
                 `set_selector_trainable`.
             num_neighbors: chosen patches mixed into each cell by `forward_dense`.
+            patchify_channels_last: the layout of a NaFlex batch's flat patches, as timm's NaFlexViT takes it:
+                (p, p, C) (timm's loader default) or (C, p, p) (`--naflex-patchify-channels-first`).
         """
         super().__init__()
         dd = {'device': device, 'dtype': dtype}
@@ -389,6 +406,7 @@ class LookWhere(nn.Module):
         self.num_neighbors = num_neighbors
         self.dynamic_img_size = dynamic_img_size
         self.dynamic_img_pad = dynamic_img_pad
+        self.patchify_channels_last = patchify_channels_last
         self.grad_checkpointing = False
 
         self.selector = LookWhereSelector(
@@ -596,25 +614,147 @@ class LookWhere(nn.Module):
         scores, prefix, indices = self.select(x, grid)
         return scores, indices, torch.cat([prefix, self.embed_patches(x, indices, grid)], dim=1), grid
 
-    def _blocks_and_norm(self, tokens: torch.Tensor) -> torch.Tensor:
-        if self.grad_checkpointing and not torch.jit.is_scripting():
-            tokens = checkpoint_seq(self.blocks, tokens)
-        else:
-            tokens = self.blocks(tokens)
-        return self.norm(tokens)
+    def _blocks_and_norm(self, tokens: torch.Tensor, patch_valid: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """(B, P + k, D) -> the extractor's blocks and final norm; `patch_valid` (B, k) masks padding tokens."""
+        if patch_valid is None:
+            if self.grad_checkpointing and not torch.jit.is_scripting():
+                tokens = checkpoint_seq(self.blocks, tokens)
+            else:
+                tokens = self.blocks(tokens)
+            return self.norm(tokens)
+        mask = self._key_mask(patch_valid)
+        for block in self.blocks:
+            tokens = checkpoint(block, tokens, mask) if self.grad_checkpointing else block(tokens, attn_mask=mask)
+        return self._zero_padding(self.norm(tokens), patch_valid)
 
-    def forward_all(self, x: torch.Tensor) -> Dict[str, Any]:
+    def _key_mask(self, patch_valid: torch.Tensor) -> torch.Tensor:
+        """(B, k) valid patches -> (B, 1, 1, P + k) attention mask: every query attends to the prefix and the
+        valid patches only (a padding query too, so that no row is empty)."""
+        prefix = patch_valid.new_ones(patch_valid.shape[0], self.num_prefix_tokens)
+        return torch.cat([prefix, patch_valid], dim=1)[:, None, None, :]
+
+    def _zero_padding(self, tokens: torch.Tensor, patch_valid: Optional[torch.Tensor]) -> torch.Tensor:
+        if patch_valid is None:
+            return tokens
+        valid = F.pad(patch_valid, (self.num_prefix_tokens, 0), value=True)  # (B, P + k)
+        return tokens * valid[..., None].to(tokens.dtype)
+
+    # ----------------------------------------------------------------------------------------
+    # many images of their own sizes in one batch: a list of (C, H_i, W_i) tensors, or timm's NaFlex dict
+
+    def _many_select(self, images: Union[List[torch.Tensor], Dict[str, torch.Tensor]]) -> Dict[str, Any]:
+        """Selector and top-k for images of many sizes: one batched selector pass over their low-res copies, then
+        the top-k of each image over its own grid (the top-k module runs once per image: a hook sees each).
+
+        Returns `map` and `indices` (lists of (1, N_i) and (1, k_i)), `grid_size` (list of (rows, cols)),
+        `prefix` (B, P, D), `pictures` (list of (1, C, H_i, W_i)) and, for a NaFlex batch, `cells` (list of
+        (N_i, C * p * p) patches by grid cell).
+        """
+        patch = self.patch_embed.patch_size[0]
+        cells = None
+        if isinstance(images, dict):  # timm's NaFlex batch: patches already cut, by cell of each image's grid
+            by_cell = self._naflex_cells(images)
+            cells = [c for c, _ in by_cell]
+            grids = [grid for _, grid in by_cell]
+            pictures = [image_from_cells(c, grid, patch)[None] for c, grid in by_cell]  # (1, C, H_i, W_i)
+        else:
+            if not isinstance(images, (list, tuple)) or len(images) == 0:
+                raise ValueError('give a non-empty list of (C, H, W) image tensors, or a (B, C, H, W) batch')
+            pictures, grids = [], []
+            for i, image in enumerate(images):
+                if not isinstance(image, torch.Tensor) or image.dim() != 3:
+                    got = list(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
+                    raise ValueError(f'image {i} of the list: expected a (C, H, W) tensor, got {got}')
+                picture, grid = self._image_on_grid(image[None])  # checked and padded as a batch of one
+                pictures.append(picture)
+                grids.append(grid)
+        for grid in grids:
+            _check_k_fits(self.topk.num_keep(grid[0] * grid[1]), grid, patch,
+                          'set a smaller k, or a k_ratio that follows the image size')
+
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.selector_trainable):
+            low_res = torch.cat([
+                self.selector.low_res_copy(picture, self.selector.antialias_for((rows * patch, cols * patch)))
+                for picture, (rows, cols) in zip(pictures, grids)])  # (B, C, 154, 154)
+            blocks, prefix = self.selector.score_blocks(low_res)  # (B, 1, 44, 44), (B, P, D)
+            maps = [self.selector.map_on_grid(blocks[i:i + 1], grid) for i, grid in enumerate(grids)]  # (1, N_i)
+        checked = len(self.topk._forward_hooks) > 0
+        indices = [check_selection(self.topk(m), 1, m.shape[1], checked) for m in maps]  # (1, k_i) each
+        return dict(map=maps, indices=indices, grid_size=grids, prefix=prefix, pictures=pictures, cells=cells)
+
+    def _many_input_tokens(self, images: Union[List[torch.Tensor], Dict[str, torch.Tensor]]) -> Dict[str, Any]:
+        """The extractor's input for images of many sizes: `_many_select`, then each image's chosen patches cut
+        and embedded on its own grid. Adds `tokens` (B, P + k_max, D) and `patch_valid` ((B, k_max) bool, None
+        when every image has the same k)."""
+        out = self._many_select(images)
+        cells, pictures, grids = out.pop('cells'), out.pop('pictures'), out['grid_size']
+        patch_tokens = [  # (1, k_i, D) each
+            self.patch_embed.embed_pixels(cells[i][ids[0]][None], ids, grids[i], self.pos_embed) if cells is not None
+            else self.patch_embed(pictures[i], ids, grids[i], self.pos_embed)
+            for i, ids in enumerate(out['indices'])]
+        counts = [t.shape[1] for t in patch_tokens]
+        k_max, patch_valid = max(counts), None
+        if min(counts) != k_max:  # k_ratio over grids of many sizes: pad to the longest, mask the padding
+            patch_tokens = [F.pad(t, (0, 0, 0, k_max - t.shape[1])) for t in patch_tokens]
+            device = patch_tokens[0].device
+            patch_valid = torch.arange(k_max, device=device)[None] < torch.tensor(counts, device=device)[:, None]
+        out.update(tokens=torch.cat([out.pop('prefix'), torch.cat(patch_tokens)], dim=1), patch_valid=patch_valid)
+        return out
+
+    def _naflex_cells(self, batch: Dict[str, torch.Tensor]) -> List[Tuple[torch.Tensor, Tuple[int, int]]]:
+        missing = [key for key in ('patches', 'patch_coord', 'patch_valid') if key not in batch]
+        if missing:
+            raise ValueError(f'a NaFlex batch is a dict with patches, patch_coord and patch_valid; it lacks {missing}')
+        if not self.dynamic_img_size:
+            raise ValueError('a NaFlex batch holds images of many sizes: create the model with dynamic_img_size=True '
+                             '(train.py / validate.py: --model-kwargs dynamic_img_size=True)')
+        return naflex_cells(batch['patches'], batch['patch_coord'], batch['patch_valid'],
+                            self.patch_embed.patch_size[0], self.in_chans, self.patchify_channels_last)
+
+    def _forward_all_many(self, images) -> Dict[str, Any]:
+        out = self._many_input_tokens(images)
+        out['tokens'] = self._blocks_and_norm(out['tokens'], out['patch_valid'])
+        return out
+
+    def _dense_many(self, out: Dict[str, Any]) -> List[torch.Tensor]:
+        """`_forward_all_many`'s output -> a list of (D, rows_i, cols_i) maps, each filled from its own k_i tokens."""
+        return [self.dense_from_tokens(out['tokens'][i:i + 1, :self.num_prefix_tokens + ids.shape[1]], ids, grid)[0]
+                for i, (ids, grid) in enumerate(zip(out['indices'], out['grid_size']))]
+
+    @staticmethod
+    def _per_image(out: Dict[str, Any]) -> Dict[str, Any]:
+        """Lists of (1, ...) per image -> lists of (...), as the outputs of many images are given."""
+        return dict(out, map=[m[0] for m in out['map']], indices=[ids[0] for ids in out['indices']])
+
+    def forward_all(self, x: Images) -> Dict[str, Any]:
         """Everything one forward computes: `map` (B, N), `indices` (B, k), `tokens` (B, P + k, D),
-        and `grid_size`, the image's (rows, cols) patch grid the map and the ids refer to."""
+        and `grid_size`, the image's (rows, cols) patch grid the map and the ids refer to.
+
+        For many images (a list, or a NaFlex dict): `map`, `indices` and `grid_size` are lists, one entry per
+        image ((N_i,), (k_i,), (rows_i, cols_i)); `tokens` is (B, P + k_max, D) and `patch_valid` (B, k_max)
+        says which of its patch tokens are real (None when every image has k: no padding), padding zeroed.
+        """
+        if isinstance(x, (list, tuple, dict)):
+            return self._per_image(self._forward_all_many(x))
         scores, indices, tokens, grid = self._input_tokens(x)
         return dict(map=scores, indices=indices, tokens=self._blocks_and_norm(tokens), grid_size=grid)
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) -> (B, P + k, D): the selector's prefix tokens then the k patch tokens."""
+    def forward_features(self, x: Images) -> torch.Tensor:
+        """(B, C, H, W) -> (B, P + k, D): the selector's prefix tokens then the k patch tokens. For many images:
+        (B, P + k_max, D), padding zeroed (`forward_all` gives `patch_valid` beside it)."""
+        if isinstance(x, (list, tuple, dict)):
+            return self._forward_all_many(x)['tokens']
         return self._blocks_and_norm(self._input_tokens(x)[2])
 
-    def forward_selection(self, x: torch.Tensor) -> Dict[str, Any]:
-        """Selector only: `map` (B, N) logits over the high-res patches, `indices` (B, k) chosen, `grid_size`."""
+    def forward_selection(
+            self,
+            x: Images,
+    ) -> Dict[str, Any]:
+        """Selector only: `map` (B, N) logits over the high-res patches, `indices` (B, k) chosen, `grid_size`.
+        For many images, each a list with one entry per image."""
+        if isinstance(x, (list, tuple, dict)):
+            out = self._many_select(x)
+            return self._per_image(dict(map=out['map'], indices=out['indices'], grid_size=out['grid_size']))
         x, grid = self._image_on_grid(x)
         scores, _, indices = self.select(x, grid)
         return dict(map=scores, indices=indices, grid_size=grid)
@@ -631,8 +771,14 @@ class LookWhere(nn.Module):
         filled = idw_fill(tokens[:, self.num_prefix_tokens:], indices, (rows, cols), self.num_neighbors)  # (B, N, D)
         return filled.view(filled.shape[0], rows, cols, filled.shape[2]).permute(0, 3, 1, 2)  # (B, D, rows, cols)
 
-    def forward_dense(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) -> (B, D, rows, cols) features for every high-res patch (rows = H / patch)."""
+    def forward_dense(
+            self,
+            x: Images,
+    ) -> Union[torch.Tensor, List[torch.Tensor]]:
+        """(B, C, H, W) -> (B, D, rows, cols) features for every high-res patch (rows = H / patch). For many
+        images, a list of (D, rows_i, cols_i) maps."""
+        if isinstance(x, (list, tuple, dict)):
+            return self._dense_many(self._forward_all_many(x))
         out = self.forward_all(x)
         return self.dense_from_tokens(out['tokens'], out['indices'], out['grid_size'])
 
@@ -646,7 +792,7 @@ class LookWhere(nn.Module):
 
     def forward_intermediates(
             self,
-            x: torch.Tensor,
+            x: Images,
             indices: Optional[Union[int, List[int]]] = None,
             return_prefix_tokens: bool = False,
             norm: bool = False,
@@ -660,10 +806,11 @@ class LookWhere(nn.Module):
         A block sees only the k chosen patches; each intermediate covers the whole high-res grid,
         filled from that block's k tokens as `forward_dense` does: (B, D, rows, cols) for 'NCHW',
         (B, rows * cols, D) for 'NLC'. The final features stay (B, P + k, D) like `forward_features`,
-        so `forward_head` applies to them.
+        so `forward_head` applies to them. For many images (a list, or a NaFlex dict), each intermediate is a
+        list of per-image maps, (D, rows_i, cols_i) or (rows_i * cols_i, D).
 
         Args:
-            x: (B, C, H, W) images.
+            x: (B, C, H, W) images, a list of (C, H_i, W_i) images, or a NaFlex dict.
             indices: blocks to take: None every one, an int n the last n, a list those (negative from the end).
             return_prefix_tokens: pair each intermediate with that block's (B, P, D) prefix tokens.
             norm: pass the intermediates through the final norm.
@@ -676,39 +823,51 @@ class LookWhere(nn.Module):
         if output_fmt not in ('NCHW', 'NLC'):
             raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
         take_indices, max_index = self._take_block_indices(indices)
-        _, chosen, tokens, grid = self._input_tokens(x)  # (B, k), (B, P + k, D), (rows, cols)
+        many, patch_valid = None, None
+        if isinstance(x, (list, tuple, dict)):
+            many = self._many_input_tokens(x)
+            tokens, patch_valid = many['tokens'], many['patch_valid']  # (B, P + k_max, D), (B, k_max) or None
+        else:
+            _, chosen, tokens, grid = self._input_tokens(x)  # (B, k), (B, P + k, D), (rows, cols)
+        mask = None if patch_valid is None else self._key_mask(patch_valid)
 
         blocks = self.blocks[:max_index + 1] if stop_early else self.blocks
         taken = []
         for i, block in enumerate(blocks):
             if self.grad_checkpointing and not torch.jit.is_scripting():
-                tokens = checkpoint(block, tokens)
+                tokens = checkpoint(block, tokens) if mask is None else checkpoint(block, tokens, mask)
             else:
-                tokens = block(tokens)  # (B, P + k, D)
+                tokens = block(tokens) if mask is None else block(tokens, attn_mask=mask)  # (B, P + k, D)
             if i in take_indices:
                 taken.append(self.norm(tokens) if norm else tokens)
 
         prefix_tokens = [t[:, :self.num_prefix_tokens] for t in taken]  # (B, P, D) each
         # every block shares the selection: one neighbour search fills all of them, side by side in channels
         intermediates = []
-        if taken:
+        if taken and many is not None:
+            per_image = [y.split(self.embed_dim, dim=0) for y in self._dense_many(dict(many, tokens=torch.cat(
+                taken, dim=-1)))]  # per image, per block: (D, rows_i, cols_i)
+            intermediates = [[blocks_of_image[j] for blocks_of_image in per_image] for j in range(len(taken))]
+            if output_fmt == 'NLC':
+                intermediates = [[y.flatten(1).transpose(0, 1) for y in block] for block in intermediates]
+        elif taken:
             filled = self.dense_from_tokens(torch.cat(taken, dim=-1), chosen, grid)  # (B, n * D, rows, cols)
             intermediates = list(filled.split(self.embed_dim, dim=1))  # (B, D, rows, cols) each
-        if output_fmt == 'NLC':
-            intermediates = [y.flatten(2).transpose(1, 2) for y in intermediates]  # (B, rows * cols, D)
+            if output_fmt == 'NLC':
+                intermediates = [y.flatten(2).transpose(1, 2) for y in intermediates]  # (B, rows * cols, D)
 
         if output_dict:
             out: Dict[str, Any] = {'image_intermediates': intermediates}
             if return_prefix_tokens:
                 out['image_intermediates_prefix'] = prefix_tokens
             if not intermediates_only:
-                out['image_features'] = self.norm(tokens)
+                out['image_features'] = self._zero_padding(self.norm(tokens), patch_valid)
             return out
         if return_prefix_tokens:
             intermediates = list(zip(intermediates, prefix_tokens))
         if intermediates_only:
             return intermediates
-        return self.norm(tokens), intermediates
+        return self._zero_padding(self.norm(tokens), patch_valid), intermediates
 
     def prune_intermediate_layers(
             self,
@@ -732,13 +891,40 @@ class LookWhere(nn.Module):
         pool_type = self.global_pool if pool_type is None else pool_type
         return global_pool_nlc(x, pool_type=pool_type, num_prefix_tokens=self.num_prefix_tokens)
 
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = self.pool(x)
+    def forward_head(
+            self,
+            x: torch.Tensor,
+            pre_logits: bool = False,
+            patch_valid: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """(B, P + k, D) -> (B, num_classes); `patch_valid` (B, k) leaves padding out of 'avg' pooling, as
+        NaFlexViT's forward_head does."""
+        if patch_valid is not None and self.global_pool == 'avg':
+            valid = patch_valid[..., None].to(x.dtype)  # (B, k, 1)
+            x = (x[:, self.num_prefix_tokens:] * valid).sum(1) / valid.sum(1).clamp(min=1)  # (B, D)
+        else:
+            x = self.pool(x)
         x = self.head_drop(x)
         return x if pre_logits else self.head(x)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    # x unannotated: FX copies the annotation into a traced model, whose TorchScript reads an unannotated x as a Tensor
+    def forward(self, x) -> torch.Tensor:
+        """(B, C, H, W) images, a list of (C, H_i, W_i) images, or timm's NaFlex dict -> (B, num_classes)."""
+        if isinstance(x, (list, tuple, dict)):
+            out = self._forward_all_many(x)
+            return self.forward_head(out['tokens'], patch_valid=out['patch_valid'])
         return self.forward_head(self.forward_features(x))
+
+    @torch.jit.ignore
+    def get_patch_size(self) -> Tuple[int, int]:
+        """The (h, w) patch size, for timm's NaFlex loader (train.py --naflex-loader asks for it)."""
+        return tuple(self.patch_embed.patch_size)
+
+    @property
+    def embeds(self) -> SparsePatchEmbed:
+        """The patch embedding under NaFlexViT's name: validate.py --naflex-loader reads `model.embeds.patch_size`
+        (a property, so the state dict keeps one `patch_embed`)."""
+        return self.patch_embed
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,0 +1,270 @@
+"""Many images of their own sizes in one call: a list of (C, H_i, W_i) tensors, timm's NaFlex batches, and the
+native-size data pipeline; every output of image i equals a call on image i alone."""
+import random
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+from PIL import Image
+from torch.utils.data import DataLoader
+
+import timm
+from timm.data import create_dataset, create_naflex_loader, resolve_data_config
+from timm.optim import create_optimizer_v2
+from timm.task import ClassificationTask
+
+from conftest import TINY, tiny_model
+from timm_lookwhere.native_size import CapPixels, collate_native, create_native_transform
+
+PATCH = 14
+
+
+def random_sizes(count, seed, low=40, high=430):
+    """(H, W) of `count` images, random sides and aspect ratios, most of them not multiples of the patch."""
+    rng = random.Random(seed)
+    return [(rng.randint(low, high), rng.randint(low, high)) for _ in range(count)]
+
+
+def many_sizes_model(seed=0, **kwargs):
+    return tiny_model(seed=seed, num_classes=5, dynamic_img_size=True, dynamic_img_pad=True, **kwargs)
+
+
+def per_image(model, images, method):
+    return [getattr(model, method)(image[None]) for image in images]
+
+
+K_MODES = [dict(k=6), dict(k_ratio=0.15)]
+
+
+@pytest.mark.parametrize('k_mode', K_MODES, ids=['fixed_k', 'k_ratio'])
+@pytest.mark.parametrize('seed', [0, 1])
+def test_every_output_of_an_image_in_a_list_equals_a_call_on_it_alone(k_mode, seed):
+    model = many_sizes_model(seed=seed, global_pool='avg', **k_mode)
+    torch.manual_seed(seed)
+    images = [torch.randn(3, h, w) for h, w in random_sizes(5, seed)]
+    with torch.no_grad():
+        close = dict(rtol=0, atol=1e-5)
+        torch.testing.assert_close(model(images), torch.cat(per_image(model, images, 'forward')), **close)
+
+        selection, alone = model.forward_selection(images), per_image(model, images, 'forward_selection')
+        for i, one in enumerate(alone):
+            assert torch.equal(selection['indices'][i], one['indices'][0])
+            torch.testing.assert_close(selection['map'][i], one['map'][0], **close)
+            assert selection['grid_size'][i] == one['grid_size']
+
+        for dense, one in zip(model.forward_dense(images), per_image(model, images, 'forward_dense')):
+            torch.testing.assert_close(dense, one[0], **close)
+
+        out = model.forward_all(images)
+        for i, one in enumerate(per_image(model, images, 'forward_features')):
+            valid = one.shape[1]  # P + k_i
+            torch.testing.assert_close(out['tokens'][i, :valid], one[0], **close)
+            assert not out['tokens'][i, valid:].any()  # padding zeroed
+
+        blocks, alone = model.forward_intermediates(images, indices=[0, 1]), per_image(
+            model, images, 'forward_intermediates')
+        for j in range(2):
+            for i, one in enumerate(alone):
+                torch.testing.assert_close(blocks[1][j][i], one[1][j][0], **close)
+
+
+def test_fixed_k_list_is_one_batch_without_padding_and_k_ratio_pads_with_a_validity_mask():
+    images = [torch.randn(3, h, w) for h, w in [(112, 112), (131, 157), (420, 266)]]
+    with torch.no_grad():
+        fixed = many_sizes_model(k=6).forward_all(images)
+        assert fixed['patch_valid'] is None and fixed['tokens'].shape == (3, 5 + 6, TINY['embed_dim'])
+        ratio = many_sizes_model(k_ratio=0.2).forward_all(images)
+    counts = [int(0.2 * rows * cols) for rows, cols in ratio['grid_size']]
+    assert ratio['grid_size'] == [(8, 8), (10, 12), (30, 19)]
+    assert ratio['patch_valid'].sum(1).tolist() == counts == [len(ids) for ids in ratio['indices']]
+    assert ratio['tokens'].shape == (3, 5 + max(counts), TINY['embed_dim'])
+
+
+def test_a_list_of_images_of_the_models_size_gives_the_tensor_batchs_results():
+    model = tiny_model(num_classes=5)  # a fixed-size model takes a list of images of its own size
+    x = torch.randn(3, 3, 112, 112)
+    with torch.no_grad():
+        torch.testing.assert_close(model(list(x)), model(x), rtol=0, atol=1e-5)
+        assert torch.equal(torch.stack(model.forward_selection(list(x))['indices']),
+                           model.forward_selection(x)['indices'])
+
+
+def test_features_only_backbone_gives_a_map_per_image_and_block():
+    backbone = timm.create_model('lookwhere_vitb_518', features_only=True, out_indices=(0, 1), dynamic_img_size=True,
+                                 dynamic_img_pad=True, **TINY).eval()
+    images = [torch.randn(3, 70, 300), torch.randn(3, 112, 112)]
+    with torch.no_grad():
+        maps = backbone(images)
+    assert len(maps) == 2 and [tuple(m.shape) for m in maps[1]] == [(32, 5, 22), (32, 8, 8)]
+
+
+def test_a_hook_on_the_top_k_sees_each_image_of_a_list_on_its_own_grid():
+    model = many_sizes_model(k_ratio=0.25)
+    seen = []
+    model.topk.register_forward_hook(lambda module, args, ids: seen.append((args[0].shape, ids.shape)))
+    with torch.no_grad():
+        model([torch.randn(3, 56, 56), torch.randn(3, 112, 84)])
+    assert seen == [(torch.Size([1, 16]), torch.Size([1, 4])), (torch.Size([1, 48]), torch.Size([1, 12]))]
+
+
+@pytest.mark.parametrize('images, error, match', [
+    ([], ValueError, 'non-empty list'),
+    ([torch.randn(1, 3, 56, 56)], ValueError, r'image 0 of the list: expected a \(C, H, W\) tensor'),
+    ([torch.randn(3, 112, 112), 'photo.jpg'], ValueError, 'image 1 of the list: expected a .* got str'),
+    ([torch.randint(0, 255, (3, 112, 112), dtype=torch.uint8)], TypeError, 'expected a float image batch'),
+])
+def test_a_bad_list_names_the_image_and_the_problem(images, error, match):
+    with pytest.raises(error, match=match):
+        many_sizes_model()(images)
+
+
+def test_other_sizes_in_a_list_need_a_dynamic_model():
+    with pytest.raises(ValueError, match='built for 112x112 images, got 56x56.*dynamic_img_size=True'):
+        tiny_model()([torch.randn(3, 112, 112), torch.randn(3, 56, 56)])
+    with pytest.raises(ValueError, match='multiples of the patch size 14.*dynamic_img_pad=True'):
+        tiny_model(dynamic_img_size=True)([torch.randn(3, 100, 112)])
+
+
+# --------------------------------------------------------------------------------------------
+# timm's NaFlex path, as train.py and validate.py run it with --naflex-loader
+
+
+@pytest.fixture(scope='module')
+def mixed_size_folder(tmp_path_factory):
+    """train/ and validation/ ImageFolder splits of PNGs of many sizes and aspect ratios; each class lifts one
+    colour channel."""
+    root = tmp_path_factory.mktemp('mixed')
+    rng = np.random.default_rng(0)
+    sizes = iter(random_sizes(18, seed=3, low=50, high=260))
+    for split, per_class in (('train', 4), ('validation', 2)):
+        for channel, name in enumerate(('red', 'green', 'blue')):
+            (root / split / name).mkdir(parents=True)
+            for i in range(per_class):
+                h, w = next(sizes)
+                pixels = rng.integers(0, 80, (h, w, 3), dtype=np.uint8)
+                pixels[..., channel] += 150
+                Image.fromarray(pixels).save(root / split / name / f'{i}.png')
+    return root
+
+
+def naflex_loader(root, split, model, is_training, **kwargs):
+    """create_naflex_loader as train.py / validate.py call it on the CPU (no prefetcher, no workers)."""
+    config = resolve_data_config(model=model)
+    dataset = create_dataset('', root=str(root), split=split, is_training=is_training)
+    return create_naflex_loader(
+        dataset, patch_size=model.get_patch_size(), mean=config['mean'], std=config['std'], is_training=is_training,
+        use_prefetcher=False, pin_memory=False, num_workers=0, device=torch.device('cpu'), **kwargs)
+
+
+def test_a_naflex_batch_gives_the_results_of_the_images_it_holds(mixed_size_folder):
+    model = many_sizes_model(k_ratio=0.2)
+    assert model.embeds.patch_size == (PATCH, PATCH)  # what validate.py reads
+    loader = naflex_loader(mixed_size_folder, 'validation', model, is_training=False, batch_size=4, max_seq_len=256)
+    batch, _ = next(iter(loader))
+    assert batch['patch_valid'].shape[0] == 4 and not batch['patch_valid'].all()  # images of many sizes, padded
+    with torch.no_grad():
+        out = model.forward_all(batch)
+        for b, grid in enumerate(out['grid_size']):
+            valid = batch['patch_valid'][b]
+            assert grid[0] * grid[1] == int(valid.sum())  # top-k over this image's valid patches only
+            rows, cols = batch['patch_coord'][b][valid].T
+            image = torch.zeros(3, grid[0] * PATCH, grid[1] * PATCH)
+            for (r, c, patch) in zip(rows.tolist(), cols.tolist(), batch['patches'][b][valid]):
+                pixels = patch.view(PATCH, PATCH, 3).permute(2, 0, 1)  # (p, p, C) as the loader lays them out
+                image[:, r * PATCH:(r + 1) * PATCH, c * PATCH:(c + 1) * PATCH] = pixels
+            alone = model.forward_all(image[None])
+            assert torch.equal(out['indices'][b], alone['indices'][0])
+            torch.testing.assert_close(model(batch)[b], model(image[None])[0], rtol=0, atol=1e-5)
+
+
+def test_naflex_patches_in_channels_first_layout_give_the_same_results(mixed_size_folder):
+    last = many_sizes_model(k=4)
+    first = many_sizes_model(k=4, patchify_channels_last=False)
+    batch, _ = next(iter(naflex_loader(mixed_size_folder, 'validation', last, False, batch_size=3, max_seq_len=128)))
+    b, n = batch['patches'].shape[:2]
+    channels_first = batch['patches'].view(b, n, PATCH, PATCH, 3).permute(0, 1, 4, 2, 3).reshape(b, n, -1)
+    first_layout = dict(batch, patches=channels_first)
+    with torch.no_grad():
+        torch.testing.assert_close(first(first_layout), last(batch), rtol=0, atol=1e-6)
+
+
+def test_a_naflex_batch_of_another_patch_size_or_on_a_fixed_size_model_is_refused(mixed_size_folder):
+    model = many_sizes_model()
+    loader = naflex_loader(mixed_size_folder, 'validation', model, False, batch_size=2, max_seq_len=64)
+    batch, _ = next(iter(loader))
+    with pytest.raises(ValueError, match='create the model with dynamic_img_size=True'):
+        tiny_model()(batch)
+    sixteen = dict(batch, patches=torch.zeros(*batch['patches'].shape[:2], 16 * 16 * 3))
+    with pytest.raises(ValueError, match=r"this model's patch size \(get_patch_size\(\)\)"):
+        model(sixteen)
+    with pytest.raises(ValueError, match=r"lacks \['patch_valid'\]"):
+        model({k: v for k, v in batch.items() if k != 'patch_valid'})
+
+
+def test_train_py_naflex_loop_trains_the_model_on_images_of_many_sizes(mixed_size_folder):
+    """train.py --naflex-loader --model-kwargs dynamic_img_size=True: the training loader's batches of varying
+    sequence length through timm's ClassificationTask, then validation as validate.py runs it."""
+    torch.manual_seed(0)
+    model = many_sizes_model(k_ratio=0.25)
+    model.reset_classifier(3)
+    loader = naflex_loader(mixed_size_folder, 'train', model, is_training=True, batch_size=4,
+                           train_seq_lens=(64, 128), no_aug=True, hflip=0.)
+    task = ClassificationTask(model, nn.CrossEntropyLoss())
+    optimizer = create_optimizer_v2(model, opt='adamw', lr=3e-3, weight_decay=0.)
+    losses = []
+    model.train()
+    for _ in range(6):
+        for batch, target in loader:
+            loss = task(batch, target)['loss']
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+    assert np.mean(losses[-4:]) < np.mean(losses[:4])
+    model.eval()
+    with torch.no_grad():
+        batch, target = next(iter(naflex_loader(mixed_size_folder, 'validation', model, False, batch_size=6,
+                                                max_seq_len=256)))
+        assert model(batch).shape == (6, 3)
+
+
+# --------------------------------------------------------------------------------------------
+# data at its own size: a torch DataLoader over a mixed-size folder feeds the model directly
+
+
+def test_native_transform_keeps_each_size_and_caps_only_larger_images(mixed_size_folder):
+    model = many_sizes_model()
+    transform = create_native_transform(model)
+    image = Image.new('RGB', (300, 200), (255, 0, 0))
+    x = transform(image)
+    assert x.shape == (3, 200, 300)
+    torch.testing.assert_close(x[0, 0, 0], torch.tensor((1 - 0.485) / 0.229))  # ImageNet mean/std
+    capped = create_native_transform(model, max_pixels=60_000)
+    assert capped(image).shape == (3, 200, 300)  # 60 000 pixels: kept
+    assert capped(Image.new('RGB', (600, 400))).shape == (3, 200, 300)  # 240 000: halved, aspect kept
+    with pytest.raises(ValueError, match='max_pixels must be at least 1'):
+        CapPixels(0)
+
+
+def test_a_torch_dataloader_with_collate_native_fine_tunes_on_mixed_sizes(mixed_size_folder):
+    torch.manual_seed(0)
+    model = many_sizes_model(k_ratio=0.25)
+    model.reset_classifier(3)
+    dataset = create_dataset('', root=str(mixed_size_folder), split='train', transform=create_native_transform(model))
+    loader = DataLoader(dataset, batch_size=4, shuffle=True, collate_fn=collate_native)
+    images, labels = next(iter(loader))
+    assert isinstance(images, list) and len({tuple(x.shape) for x in images}) > 1 and labels.shape == (4,)
+    optimizer = create_optimizer_v2(model, opt='adamw', lr=3e-3, weight_decay=0.)
+    model.train()
+    losses = []
+    for _ in range(6):
+        for images, labels in loader:
+            loss = nn.functional.cross_entropy(model(images), labels)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+    assert np.mean(losses[-3:]) < np.mean(losses[:3])
+    with pytest.raises(TypeError, match='create_native_transform'):
+        collate_native([(Image.new('RGB', (8, 8)), 0)])
