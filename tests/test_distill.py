@@ -1,4 +1,6 @@
-"""What-where distillation (timm_lookwhere.distill): objective, teacher hook, student init, CLI runs."""
+"""What-where distillation (timm_lookwhere.distillation, and its command line timm_lookwhere.distill): objective,
+teacher hook, student init, CLI runs."""
+import argparse
 import json
 import math
 import os
@@ -19,9 +21,11 @@ from timm.layers import resample_abs_pos_embed
 
 from conftest import TINY, randomize_
 from timm_lookwhere import cli
-from timm_lookwhere.distill import (
+from timm_lookwhere import distill
+from timm_lookwhere.distill import main
+from timm_lookwhere.distillation import (
     DistillTeacher, Distiller, ResumableSampler, SeededImageDataset, TeacherTargetCache, default_k_range,
-    distillation_losses, image_batches, init_student_from_teacher, main, resolve_k_range, train_step,
+    distillation_losses, image_batches, init_student_from_teacher, resolve_k_range, train_step,
 )
 
 TEACHER = 'vit_base_patch14_reg4_dinov2'
@@ -427,6 +431,15 @@ def test_two_process_torchrun_matches_one_process_with_twice_the_batch(run_files
         for key in RESULT_KEYS:
             assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), key
     assert os.path.isfile(two / 'last.pth')
+
+
+def test_the_command_line_module_still_offers_the_library_and_the_old_teacher_factory(run_files):
+    assert distill.DistillTeacher is DistillTeacher and distill.train_step is train_step  # split, re-exported
+    args = distill.add_arguments(argparse.ArgumentParser()).parse_args(cli_args(run_files, 'unused'))
+    student = distill.create_student(args)
+    with pytest.warns(DeprecationWarning, match='create_teacher_for_student'):
+        teacher = distill.create_teacher(args, student)
+    assert teacher.state_dict().keys() == distill.create_teacher_for_student(args, student).state_dict().keys()
 
 
 @pytest.mark.filterwarnings('ignore:.*found in sys.modules:RuntimeWarning')  # runpy re-runs the imported module

@@ -1,548 +1,134 @@
-""" What-where distillation: pre-train a LookWhere selector and extractor from a frozen timm ViT.
+"""`lookwhere distill`: the command line that pre-trains a LookWhere model by what-where distillation.
 
-The authors released pre-training only for JAX/TPU; this is the same objective in PyTorch
-(LOOKWHERE.md, their `imagenet_dinov2.yaml` / `imagenet_franca.yaml`):
+The selector and extractor learn from a frozen timm ViT (the objective and its parts are in
+`timm_lookwhere.distillation`, the authors' recipe in PyTorch):
 
-    teacher (frozen, eval, full high-res image)  -> cls token, N patch tokens,
-                                                    last-block attention logits over the N patches
-    selector (low-res copy)                      -> (B, N) map logits, prefix tokens
-    extractor (top-k of the selector's own map)  -> cls token, k patch tokens -> all N by inverse-distance fill
     loss = 1.0 * MSE(cls) + 1.0 * MSE(filled patches) + 0.1 * KL(softmax(teacher attention) || softmax(map))
 
-k is drawn per step from [k_min, k_max] (16..128 at 518 px). The student starts as a copy of the
-teacher: the extractor is the teacher, the selector its first blocks at low resolution.
+with k drawn per step from [k_min, k_max] (16..128 at 518 px), the student starting as a copy of the teacher.
 
     python -m timm_lookwhere.distill --teacher vit_base_patch14_reg4_dinov2 --model lookwhere_vitb_518 \\
         --data-dir /data/imagenet --output runs/lw
     torchrun --nproc_per_node 8 -m timm_lookwhere.distill ...   # DDP, same code path
+
+A run writes OUTPUT/last.pth, metrics.jsonl and args.json, and holds OUTPUT/lock while it runs: a
+second run on the same OUTPUT is refused. Stopped at any moment (even killed), it continues with
+`--resume` exactly where its last save left it; a changed argument is either honoured from the
+resumed step on (schedule, length, cadence, devices) or refused (model, teacher, objective, data).
 """
 import argparse
 import contextlib
+import hashlib
 import json
 import logging
 import math
 import os
-import random
+import pickle
+import re
 import sys
 import time
-from itertools import count
-from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torch.utils.data import Dataset
 from huggingface_hub.errors import LocalEntryNotFoundError
 from tqdm import tqdm
 
 import timm
 from timm.data import create_dataset, create_transform, resolve_data_config
-from timm.data.dataset import IterableImageDataset
-from timm.layers import Attention, resample_abs_pos_embed, to_2tuple
-from timm.models import get_pretrained_cfg, named_apply
-from timm.models.vision_transformer import VisionTransformer, init_weights_vit_timm
+from timm.layers import to_2tuple
+from timm.models import get_pretrained_cfg
+from timm.models.vision_transformer import VisionTransformer
 from timm.optim import create_optimizer_v2
-from timm.scheduler import create_scheduler_v2
 from timm.utils import NativeScaler, ParseKwargs, unwrap_model
 from timm.utils.distributed import init_distributed_device_so
 
 from .augment import create_train_transform
-from .dense import idw_fill
+from .distillation import (  # noqa: F401  (re-exported: this module was the library before it was split)
+    LOSS_WEIGHTS, REFERENCE_K_RANGE, REFERENCE_NUM_PATCHES, DistillTeacher, Distiller, ResumableSampler,
+    SeededImageDataset, TeacherAttentionLogits, TeacherTargetCache, check_teacher, default_k_range,
+    distillation_losses, image_batches, init_student_from_teacher, resolve_k_range, train_step,
+    warmup_cosine_scheduler,
+)
+from .files import FolderLockedError, replacing, writer_lock
 from .lookwhere import LookWhere
 
 __all__ = [
     'LOSS_WEIGHTS', 'default_k_range', 'resolve_k_range', 'TeacherAttentionLogits', 'DistillTeacher',
     'check_teacher', 'init_student_from_teacher', 'distillation_losses', 'Distiller', 'train_step',
-    'TeacherTargetCache', 'SeededImageDataset', 'ResumableSampler', 'image_batches', 'train', 'add_subcommand',
+    'TeacherTargetCache', 'SeededImageDataset', 'ResumableSampler', 'image_batches', 'RESUME_POLICY',
+    'create_student', 'create_teacher_for_student', 'create_data', 'train', 'add_arguments', 'add_subcommand',
     'main',
 ]
 
 _logger = logging.getLogger(__name__)
 
-LOSS_WEIGHTS = dict(cls=1.0, patch=1.0, map=0.1)  # the authors' distillation_losses
-REFERENCE_K_RANGE = (16, 128)  # the authors' top_k_range at 518 px ...
-REFERENCE_NUM_PATCHES = 37 * 37  # ... i.e. on a 37x37 grid
 CHECKPOINT_VERSION = 1
 
-
-# --------------------------------------------------------------------------------------------
-# k per step
-
-
-def default_k_range(num_patches: int) -> Tuple[int, int]:
-    """The authors' 16..128 of 1369 patches, scaled to a grid of `num_patches`."""
-    scale = num_patches / REFERENCE_NUM_PATCHES
-    k_min = min(num_patches, max(1, round(REFERENCE_K_RANGE[0] * scale)))
-    k_max = min(num_patches, max(k_min, round(REFERENCE_K_RANGE[1] * scale)))
-    return k_min, k_max
-
-
-def resolve_k_range(num_patches: int, k_min: Optional[int] = None, k_max: Optional[int] = None) -> Tuple[int, int]:
-    """Fill unset ends with the scaled defaults and check 1 <= k_min <= k_max <= num_patches."""
-    default_min, default_max = default_k_range(num_patches)
-    k_min = default_min if k_min is None else k_min
-    k_max = max(default_max, k_min) if k_max is None else k_max
-    if not 1 <= k_min <= k_max <= num_patches:
-        raise ValueError(
-            f'need 1 <= k_min <= k_max <= {num_patches} (the patches of the grid), got k_min={k_min}, k_max={k_max}')
-    return k_min, k_max
-
-
-# --------------------------------------------------------------------------------------------
-# teacher
-
-
-class TeacherAttentionLogits:
-    """Forward pre-hook on a timm `Attention`: its attention logits q.k/sqrt(d), averaged over heads
-    and over the chosen queries, at the patch keys: (B, N), kept in `.logits`.
-
-    timm's fused attention never forms the logits, so they are recomputed from the block's input
-    and its qkv weights. The mean over queries and heads commutes with the dot product, so the
-    (B, heads, T, T) matrix is never built: mean_q(q) . k costs one (B, heads, N, d) product.
-    """
-
-    def __init__(self, attn: Attention, num_prefix_tokens: int, queries: str = 'patch'):
-        if queries not in ('patch', 'cls'):
-            raise ValueError(f"queries must be 'patch' (DINOv2 config) or 'cls' (Franca config), got {queries!r}")
-        self.attn = attn
-        self.num_prefix_tokens = num_prefix_tokens
-        self.queries = queries
-        self.logits: Optional[torch.Tensor] = None
-        self.handle = attn.register_forward_pre_hook(self)
-
-    def __call__(self, module: nn.Module, args: Tuple[torch.Tensor, ...]) -> None:
-        x = args[0].float()  # (B, T, D), the block's norm1 output, T = P + N
-        B, T, _ = x.shape
-        qk_dim = 2 * self.attn.attn_dim  # q and k only: the value rows are not needed
-        weight = self.attn.qkv.weight[:qk_dim].float()
-        bias = self.attn.qkv.bias[:qk_dim].float() if self.attn.qkv.bias is not None else None
-        with torch.autocast(x.device.type, enabled=False):  # the target in float32 under --amp too
-            qk = F.linear(x, weight, bias)  # (B, T, 2 * H * d)
-            q, k = qk.reshape(B, T, 2, self.attn.num_heads, self.attn.head_dim).permute(2, 0, 3, 1, 4)  # (B, H, T, d)
-            q, k = self.attn.q_norm(q), self.attn.k_norm(k)
-            P = self.num_prefix_tokens
-            q = q[:, :, P:] if self.queries == 'patch' else q[:, :, :1]  # (B, H, Q, d)
-            logits = torch.einsum('bhd,bhnd->bhn', q.mean(dim=2), k[:, :, P:])  # (B, H, N)
-        self.logits = logits.mean(dim=1) * self.attn.scale  # (B, N)
-
-    def remove(self) -> None:
-        self.handle.remove()
-
-
-class DistillTeacher(nn.Module):
-    """A frozen timm ViT giving the distillation targets: `cls` (B, D), `patches` (B, N, D), both
-    after the final norm, and `attn` (B, N), the last block's attention logits at the patch keys."""
-
-    def __init__(self, vit: VisionTransformer, attn_queries: str = 'patch'):
-        super().__init__()
-        _check_teacher_type(vit)
-        self.vit = vit.eval().requires_grad_(False)
-        self.num_prefix_tokens = vit.num_prefix_tokens
-        self.attention = TeacherAttentionLogits(vit.blocks[-1].attn, vit.num_prefix_tokens, attn_queries)
-
-    def train(self, mode: bool = True) -> 'DistillTeacher':
-        return super().train(False)  # the teacher stays in eval
-
-    @torch.no_grad()
-    def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
-        self.attention.logits = None
-        tokens = self.vit.forward_features(x)  # (B, P + N, D)
-        if self.attention.logits is None:
-            raise RuntimeError('the teacher forward did not run its last block; cannot read its attention')
-        return dict(
-            cls=tokens[:, 0],  # (B, D)
-            patches=tokens[:, self.num_prefix_tokens:],  # (B, N, D)
-            attn=self.attention.logits,  # (B, N)
-        )
-
-
-class TeacherTargetCache:
-    """The teacher's targets for every image of a fixed dataset, computed the first time an image comes
-    and read back every time after: with un-augmented data (--no-aug) an image's targets never change,
-    and the teacher's full-resolution forward is most of a distillation step.
-
-    Rows live in `folder` as a memory-mapped float32 table, one row per dataset index (cls, patches,
-    attention), with a byte per row saying it is filled, and `meta.json` describing the teacher and
-    the data: a folder filled for another teacher or other data is refused, never silently reused.
-    Called with (images, dataset indices), it returns what `DistillTeacher` returns.
-    """
-
-    def __init__(self, teacher: 'DistillTeacher', folder: str, num_images: int, num_patches: int,
-                 embed_dim: int, description: Dict[str, Any]):
-        self.teacher = teacher
-        self.num_patches, self.embed_dim = num_patches, embed_dim
-        meta = dict(description, num_images=num_images, num_patches=num_patches, embed_dim=embed_dim)
-        meta_path = os.path.join(folder, 'meta.json')
-        os.makedirs(folder, exist_ok=True)
-        exists = os.path.exists(meta_path)
-        if exists:
-            with open(meta_path) as f:
-                found = json.load(f)
-            differ = sorted(k for k in set(found) | set(meta) if found.get(k) != meta.get(k))
-            if differ:
-                raise ValueError(
-                    f'--teacher-cache {folder} holds the targets of another teacher or other data (differs in '
-                    f'{", ".join(differ)}); give a new folder, or delete this one to recompute')
-        width = embed_dim * (num_patches + 1) + num_patches  # cls, patches, attention logits
-        mode = 'r+' if exists else 'w+'
-        self.rows = np.memmap(os.path.join(folder, 'targets.f32'), dtype=np.float32, mode=mode,
-                              shape=(num_images, width))
-        self.filled = np.memmap(os.path.join(folder, 'filled.u8'), dtype=np.uint8, mode=mode, shape=(num_images,))
-        if not exists:  # written last: a folder without meta.json is an unfinished start, made anew
-            with open(meta_path, 'w') as f:
-                json.dump(meta, f, indent=2)
-
-    @property
-    def num_filled(self) -> int:
-        return int(self.filled.sum())
-
-    def __call__(self, images: torch.Tensor, indices: torch.Tensor) -> Dict[str, torch.Tensor]:
-        ids = indices.cpu().numpy()
-        missing = np.flatnonzero(self.filled[ids] == 0)
-        if len(missing):
-            fresh = self.teacher(images[torch.from_numpy(missing).to(images.device)])
-            packed = torch.cat([fresh['cls'][:, None].float(), fresh['patches'].float()], dim=1).flatten(1)
-            packed = torch.cat([packed, fresh['attn'].float()], dim=1)  # (m, width)
-            self.rows[ids[missing]] = packed.cpu().numpy()
-            self.filled[ids[missing]] = 1  # after the row: a row marked filled is whole
-        rows = torch.from_numpy(np.ascontiguousarray(self.rows[ids])).to(images.device)  # (B, width)
-        D, N = self.embed_dim, self.num_patches
-        return dict(
-            cls=rows[:, :D],  # (B, D)
-            patches=rows[:, D:D * (N + 1)].view(len(ids), N, D),  # (B, N, D)
-            attn=rows[:, D * (N + 1):],  # (B, N)
-        )
-
-    def flush(self) -> None:
-        self.rows.flush()
-        self.filled.flush()
-
-
-def _check_teacher_type(vit: nn.Module) -> None:
-    if not isinstance(vit, VisionTransformer):
-        raise TypeError(f'the teacher must be a timm VisionTransformer, got {type(vit).__name__}')
-    if not vit.has_class_token:
-        raise ValueError('the teacher has no class token; the cls distillation loss needs one')
-    if vit.pos_embed is None:
-        raise ValueError('the teacher has no learned position embedding to initialise the student from')
-    if not isinstance(vit.blocks[-1].attn, Attention):
-        raise TypeError(
-            f"the teacher's last block uses {type(vit.blocks[-1].attn).__name__}; "
-            'only timm.layers.Attention (q.k logits without rotary embeddings) is supported')
-    if not isinstance(vit.norm_pre, nn.Identity):
-        raise ValueError('the teacher normalises tokens before its blocks (norm_pre); a LookWhere extractor does not')
-
-
-def check_teacher(teacher: VisionTransformer, student: LookWhere) -> None:
-    """Raise a ValueError naming the mismatch when `teacher` cannot initialise and teach `student`."""
-    _check_teacher_type(teacher)
-    t_patch, s_patch = tuple(teacher.patch_embed.patch_size), tuple(student.patch_embed.patch_size)
-    if t_patch != s_patch:
-        raise ValueError(
-            f'teacher patch size {t_patch} cannot serve a student with patch size {s_patch}: '
-            'the patch tokens and the attention map must be on the same grid')
-    if teacher.embed_dim != student.embed_dim:
-        raise ValueError(
-            f'teacher width {teacher.embed_dim} cannot serve a student of width {student.embed_dim}: '
-            'the student is initialised as a copy of the teacher and regresses its tokens')
-    if tuple(teacher.patch_embed.grid_size) != tuple(student.grid_size):
-        raise ValueError(
-            f'teacher grid {tuple(teacher.patch_embed.grid_size)} differs from the student grid '
-            f'{tuple(student.grid_size)}; create the teacher at the student image size')
-    checks = (
-        ('blocks', len(teacher.blocks), len(student.blocks)),
-        ('attention heads', teacher.blocks[0].attn.num_heads, student.blocks[0].attn.num_heads),
-        ('register tokens', teacher.num_reg_tokens, student.num_reg_tokens),
-    )
-    for what, t_value, s_value in checks:
-        if t_value != s_value:
-            raise ValueError(f'teacher has {t_value} {what}, the student {s_value}; they must match')
-    if len(student.selector.backbone.blocks) > len(teacher.blocks):
-        raise ValueError(
-            f'the selector has {len(student.selector.backbone.blocks)} blocks but the teacher only '
-            f'{len(teacher.blocks)} to initialise them from')
+# What `--resume` does with an argument given a value other than the run's. Honoured: applied from the
+# resumed step on, and recorded (args.json, the checkpoint's `argument_changes`). Refused: a ValueError,
+# as the run would turn into another experiment under the same name, or could not continue at all.
+HONOURED, REFUSED = 'honoured', 'refused'
+RESUME_POLICY: Dict[str, Tuple[str, str]] = dict(
+    teacher=(REFUSED, "the teacher's tokens and attention are what the student learns"),
+    teacher_checkpoint=(HONOURED, "a moved file is fine: the teacher's weights themselves are compared "
+                                  "(sha256), and other weights are refused"),
+    teacher_random_init=(HONOURED, "as --teacher-checkpoint: refused unless the teacher's weights are the same"),
+    teacher_kwargs=(REFUSED, "the teacher's architecture, hence its targets"),
+    attn_queries=(REFUSED, "the selector's target map"),
+    model=(REFUSED, "the student's architecture: the checkpoint's tensors fit it only"),
+    model_kwargs=(REFUSED, "the student's architecture: the checkpoint's tensors fit it only"),
+    img_size=(REFUSED, "the student's and the teacher's grid: the checkpoint's tensors fit it only"),
+    drop_path=(REFUSED, "part of the student's definition (stochastic depth)"),
+    grad_checkpointing=(HONOURED, 'memory only: the same results'),
+    data_dir=(REFUSED, 'the data stream: a resumed run continues on the exact next batch of the same images '
+                       '(a moved folder resumes through a link at the old path)'),
+    dataset=(REFUSED, 'the data stream'),
+    train_split=(REFUSED, 'the data stream'),
+    no_aug=(REFUSED, "every sample's augmentation"),
+    scale=(REFUSED, "every sample's augmentation"),
+    teacher_cache=(HONOURED, 'where the targets are kept, not what they are (a cache refuses another '
+                             'teacher or other data itself)'),
+    workers=(HONOURED, "a sample's augmentation depends on its seed only: any number of workers gives the "
+                       'same batches'),
+    k_min=(REFUSED, 'the objective: how many patches the student sees per step'),
+    k_max=(REFUSED, 'the objective: how many patches the student sees per step'),
+    cls_weight=(REFUSED, 'the objective: the logged losses would change meaning mid-run'),
+    patch_weight=(REFUSED, 'the objective: the logged losses would change meaning mid-run'),
+    map_weight=(REFUSED, 'the objective: the logged losses would change meaning mid-run'),
+    batch_size=(REFUSED, "the images per step and the run's place in the data stream"),
+    grad_accum=(REFUSED, "the images per step and the run's place in the data stream"),
+    seed=(REFUSED, "the data order, every sample's augmentation and every step's k"),
+    steps=(HONOURED, 'train longer (or shorter, not below the checkpoint): the schedule is rebuilt for the '
+                     'new length, so the lr moves to where the new cosine is'),
+    lr=(HONOURED, 'the schedule is rebuilt from the new values; metrics.jsonl logs every step\'s lr'),
+    warmup_steps=(HONOURED, 'the schedule is rebuilt from the new values'),
+    warmup_lr=(HONOURED, 'the schedule is rebuilt from the new values'),
+    min_lr=(HONOURED, 'the schedule is rebuilt from the new values'),
+    weight_decay=(HONOURED, "set on the optimiser after its state (moments, step counts) is restored"),
+    betas=(HONOURED, "set on the optimiser after its state (moments, step counts) is restored"),
+    opt_eps=(HONOURED, "set on the optimiser after its state (moments, step counts) is restored"),
+    clip_grad=(HONOURED, 'applies to the updates from the resumed step on'),
+    amp=(HONOURED, 'numerics from the resumed step on (a --teacher-cache refuses other numerics itself)'),
+    amp_dtype=(HONOURED, 'numerics from the resumed step on; a float16 loss scaler starts afresh if the run '
+                         'had none'),
+    output=(HONOURED, 'where the run writes: a copied run folder resumes in its new place'),
+    resume=(HONOURED, 'how the run continues, not what it is'),
+    log_every=(HONOURED, 'when to log'),
+    save_every=(HONOURED, 'when to save'),
+    keep_every=(HONOURED, 'when to save'),
+    device=(HONOURED, 'checkpoints hold CPU tensors; another device may differ in the last bits'),
+)
+_PATH_ARGUMENTS = ('data_dir', 'teacher_checkpoint', 'teacher_cache', 'output')  # compared as absolute paths
 
 
 # --------------------------------------------------------------------------------------------
-# student initialisation
-
-
-def _teacher_embeddings(teacher: VisionTransformer) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-    """Patch position embeddings (1, N, D) and the cls (1, 1, D) / reg (1, R, D) tokens with any
-    position embedding of theirs folded in, as a student without prefix slots needs them."""
-    pos = teacher.pos_embed.detach()
-    cls_token = teacher.cls_token.detach()
-    reg_token = teacher.reg_token.detach() if teacher.reg_token is not None else None
-    if not teacher.no_embed_class:  # pos_embed = [cls, reg..., patches]
-        P = teacher.num_prefix_tokens
-        cls_token = cls_token + pos[:, :1]
-        if reg_token is not None:
-            reg_token = reg_token + pos[:, 1:P]
-        pos = pos[:, P:]
-    return pos, cls_token, reg_token
-
-
-def _student_targets(student: LookWhere, teacher: VisionTransformer) -> Dict[str, torch.Tensor]:
-    """Student state-dict key -> the teacher tensor it starts from (heads are not in it)."""
-    t_sd = teacher.state_dict()
-    pos, cls_token, reg_token = _teacher_embeddings(teacher)
-    t_grid = teacher.patch_embed.grid_size
-    resize = dict(num_prefix_tokens=0, old_size=t_grid, interpolation='bicubic', antialias=False)
-    shared = {k: v for k, v in t_sd.items() if k.startswith(('patch_embed.', 'norm.'))}
-    targets = dict(shared)
-    targets.update({k: v for k, v in t_sd.items() if k.startswith('blocks.')})
-    targets['pos_embed'] = resample_abs_pos_embed(pos, new_size=student.grid_size, **resize)
-    selector_depth = len(student.selector.backbone.blocks)
-    sel = dict(shared)
-    sel.update({k: v for k, v in t_sd.items() if k.startswith('blocks.') and int(k.split('.')[1]) < selector_depth})
-    sel['pos_embed'] = resample_abs_pos_embed(pos, new_size=student.selector.grid_size, **resize)
-    sel['cls_token'] = cls_token
-    if reg_token is not None:
-        sel['reg_token'] = reg_token
-    targets.update({f'selector.backbone.{k}': v for k, v in sel.items()})
-    return targets
-
-
-@torch.no_grad()
-def init_student_from_teacher(student: LookWhere, teacher: VisionTransformer) -> None:
-    """Extractor = copy of the teacher (patch embed, resized pos embed, blocks, norm); selector =
-    the teacher's first blocks with its pos embed resized to the low-res grid and its cls/reg
-    tokens; the selector's map head and any classifier head start random (timm's ViT init)."""
-    check_teacher(teacher, student)
-    targets = _student_targets(student, teacher)
-    s_sd = student.state_dict()
-    heads = ('selector.head.', 'head.', 'selector.backbone.head.', 'selector.backbone.fc_norm.')
-    missing = [k for k in s_sd if k not in targets and not k.startswith(heads)]
-    unused = [k for k in targets if k not in s_sd]
-    shapes = [f'{k}: teacher {tuple(targets[k].shape)} vs student {tuple(s_sd[k].shape)}'
-              for k in targets if k in s_sd and targets[k].shape != s_sd[k].shape]
-    if missing or unused or shapes:
-        raise ValueError(
-            'teacher and student architectures differ: '
-            + '; '.join(filter(None, (
-                f'student parameters the teacher lacks: {missing}' if missing else '',
-                f'teacher parameters the student lacks: {unused}' if unused else '',
-                f'shape mismatches: {shapes}' if shapes else '',
-            ))))
-    for key, value in targets.items():
-        s_sd[key].copy_(value)
-    named_apply(init_weights_vit_timm, student.selector.head)
-    if not isinstance(student.head, nn.Identity):
-        named_apply(init_weights_vit_timm, student.head)
-
-
-# --------------------------------------------------------------------------------------------
-# objective
-
-
-def distillation_losses(
-        student: Dict[str, torch.Tensor],
-        teacher: Dict[str, torch.Tensor],
-        grid_size: Tuple[int, int],
-        num_prefix_tokens: int,
-        num_neighbors: int = 5,
-        weights: Optional[Dict[str, float]] = None,
-) -> Dict[str, torch.Tensor]:
-    """The what-where losses, all in float32.
-
-    Args:
-        student: `LookWhere.forward_all` output: `map` (B, N), `indices` (B, k), `tokens` (B, P + k, D).
-        teacher: `DistillTeacher` output: `cls` (B, D), `patches` (B, N, D), `attn` (B, N).
-        grid_size: (rows, cols) of the high-res grid, rows * cols = N.
-        num_prefix_tokens: P, the student's prefix tokens (its cls token is the first).
-        num_neighbors: chosen patches mixed into each cell of the filled grid.
-        weights: `cls`, `patch`, `map` weights; the authors' 1.0 / 1.0 / 0.1 by default.
-
-    Returns:
-        `loss` (the weighted sum), `loss_cls`, `loss_patch`, `loss_map`: scalars.
-    """
-    weights = dict(LOSS_WEIGHTS, **(weights or {}))
-    tokens = student['tokens'].float()
-    loss_cls = F.mse_loss(tokens[:, 0], teacher['cls'].float())  # mean over B, D
-    filled = idw_fill(tokens[:, num_prefix_tokens:], student['indices'], grid_size, num_neighbors)  # (B, N, D)
-    loss_patch = F.mse_loss(filled, teacher['patches'].float())  # mean over B, N, D
-    log_p_student = F.log_softmax(student['map'].float(), dim=1)  # (B, N)
-    log_p_teacher = F.log_softmax(teacher['attn'].float(), dim=1)  # (B, N)
-    # KL(teacher || student) summed over patches, averaged over images, as the authors' optax call
-    loss_map = F.kl_div(log_p_student, log_p_teacher, reduction='batchmean', log_target=True)
-    loss = weights['cls'] * loss_cls + weights['patch'] * loss_patch + weights['map'] * loss_map
-    return dict(loss=loss, loss_cls=loss_cls, loss_patch=loss_patch, loss_map=loss_map)
-
-
-class Distiller(nn.Module):
-    """The trained module (what DDP wraps): student forward plus losses against teacher targets."""
-
-    def __init__(self, student: LookWhere, weights: Optional[Dict[str, float]] = None):
-        super().__init__()
-        self.student = student
-        self.weights = dict(LOSS_WEIGHTS, **(weights or {}))
-
-    def forward(self, images: torch.Tensor, targets: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-        out = self.student.forward_all(images)  # map (B, N), indices (B, k), tokens (B, P + k, D)
-        return distillation_losses(
-            out, targets, self.student.grid_size, self.student.num_prefix_tokens,
-            self.student.num_neighbors, self.weights,
-        )
-
-
-def train_step(
-        distiller: nn.Module,
-        teacher: Union[DistillTeacher, TeacherTargetCache],
-        micro_batches: List[Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]],
-        optimizer: torch.optim.Optimizer,
-        k: int,
-        autocast: Any = contextlib.nullcontext,
-        scaler: Optional[NativeScaler] = None,
-        clip_grad: Optional[float] = None,
-) -> Dict[str, torch.Tensor]:
-    """One optimiser update over `micro_batches` (gradient accumulation) with k patches.
-
-    A micro-batch is a (B, C, H, W) image tensor, or (images, (B,) dataset indices) when `teacher`
-    is a `TeacherTargetCache`, which reads the targets of images it has seen before.
-    Returns the loss terms averaged over the micro-batches (detached tensors).
-    """
-    student = unwrap_model(distiller).student
-    student.set_k(k=k)
-    params = [p for p in student.parameters() if p.requires_grad]
-    totals: Dict[str, torch.Tensor] = {}
-    for i, batch in enumerate(micro_batches):
-        last = i == len(micro_batches) - 1
-        images, indices = batch if isinstance(batch, (tuple, list)) else (batch, None)
-        # DDP: all-reduce gradients only once, after the last micro-batch
-        sync = distiller.no_sync() if isinstance(distiller, DistributedDataParallel) and not last \
-            else contextlib.nullcontext()
-        with sync:
-            with autocast():
-                losses = distiller(images, teacher(images) if indices is None else teacher(images, indices))
-            loss = losses['loss'] / len(micro_batches)
-            if scaler is not None:
-                scaler(loss, optimizer, clip_grad=clip_grad, parameters=params, need_update=last)
-            else:
-                loss.backward()
-        for name, value in losses.items():
-            totals[name] = totals.get(name, 0.) + value.detach() / len(micro_batches)
-    if scaler is None:
-        if clip_grad is not None:
-            torch.nn.utils.clip_grad_norm_(params, clip_grad)
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return totals
-
-
-# --------------------------------------------------------------------------------------------
-# data: a resumable stream whose every sample's augmentation is a function of (seed, epoch, index)
-
-
-@contextlib.contextmanager
-def _seeded_rngs(seed: int) -> Iterator[None]:
-    """Seed python, numpy and torch (what timm's transforms draw from), restoring them afterwards."""
-    states = random.getstate(), np.random.get_state(), torch.get_rng_state()
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.default_generator.manual_seed(seed)  # the CPU generator only: torch.manual_seed also seeds devices
-    try:
-        yield
-    finally:
-        random.setstate(states[0])
-        np.random.set_state(states[1])
-        torch.set_rng_state(states[2])
-
-
-class SeededImageDataset(Dataset):
-    """Map-style image dataset indexed by (index, seed): the image, transformed under that seed.
-
-    The augmentation of a sample thus depends on the sampler's seed only, not on which worker
-    loads it or what it loaded before: an interrupted run resumes onto the very same batches.
-    With `with_indices`, an item is (image, index).
-    """
-
-    def __init__(self, dataset: Dataset, transform: Any, with_indices: bool = False):
-        self.dataset = dataset
-        self.transform = transform
-        self.with_indices = with_indices
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, item: Tuple[int, int]) -> torch.Tensor:
-        index, seed = item
-        sample = self.dataset[index]
-        image = sample[0] if isinstance(sample, (tuple, list)) else sample
-        with _seeded_rngs(seed):
-            image = self.transform(image)
-        return (image, index) if self.with_indices else image
-
-
-class ResumableSampler(Sampler):
-    """Endless (index, seed) stream over epochs of a DistributedSampler (one process is world size 1),
-    started `start` samples in, so resuming after s steps needs no data to be read twice."""
-
-    def __init__(self, dataset: Dataset, num_replicas: int = 1, rank: int = 0, seed: int = 0, start: int = 0):
-        if len(dataset) < num_replicas:
-            raise ValueError(f'the dataset has {len(dataset)} images, fewer than the {num_replicas} processes')
-        self.sampler = DistributedSampler(
-            dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True)
-        self.seed = seed
-        self.start = start
-
-    def __iter__(self) -> Iterator[Tuple[int, int]]:
-        per_epoch = len(self.sampler)
-        first_epoch, offset = divmod(self.start, per_epoch)
-        for epoch in count(first_epoch):
-            self.sampler.set_epoch(epoch)
-            indices = list(self.sampler)[offset:]
-            offset = 0
-            for index in indices:
-                # (seed, epoch, index) names the sample's augmentation on any number of processes
-                yield index, int(np.random.SeedSequence([self.seed, epoch, index]).generate_state(1)[0])
-
-
-def _iterable_batches(dataset: IterableImageDataset, transform: Any, loader_kwargs: Dict[str, Any],
-                      start_epoch: int) -> Iterator[torch.Tensor]:
-    """Streaming datasets (webdataset, tfds, hfids) shard themselves across processes and workers."""
-    dataset.transform = transform
-    dataset.set_loader_cfg(num_workers=loader_kwargs['num_workers'])
-    loader = DataLoader(dataset, drop_last=True, **loader_kwargs)
-    for epoch in count(start_epoch):
-        dataset.set_epoch(epoch)
-        for images, _ in loader:
-            yield images
-
-
-def image_batches(
-        dataset: Dataset,
-        transform: Any,
-        batch_size: int,
-        num_workers: int = 0,
-        seed: int = 0,
-        start_batch: int = 0,
-        num_replicas: int = 1,
-        rank: int = 0,
-        pin_memory: bool = False,
-        with_indices: bool = False,
-) -> Iterator[Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]]:
-    """Endless (batch_size, C, H, W) batches of this process's share of `dataset`, skipping the first
-    `start_batch` batches (exactly for map-style datasets, by whole epochs for streaming ones).
-    With `with_indices` (map-style datasets), each batch is (images, (batch_size,) dataset indices)."""
-    loader_kwargs = dict(batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory)
-    if isinstance(dataset, torch.utils.data.IterableDataset):
-        if start_batch:
-            _logger.warning('A streaming dataset resumes at the start of an epoch, not on the exact next batch.')
-        per_epoch = max(1, len(dataset) // batch_size)
-        yield from _iterable_batches(dataset, transform, loader_kwargs, start_batch // per_epoch)
-        return
-    if len(dataset) == 0:
-        raise ValueError('the dataset is empty')
-    sampler = ResumableSampler(dataset, num_replicas, rank, seed, start=start_batch * batch_size)
-    yield from DataLoader(SeededImageDataset(dataset, transform, with_indices), sampler=sampler, drop_last=True,
-                          **loader_kwargs)
-
-
-# --------------------------------------------------------------------------------------------
-# run set-up
+# the run's parts, from its arguments
 
 
 def create_student(args: argparse.Namespace) -> LookWhere:
@@ -556,8 +142,10 @@ def create_student(args: argparse.Namespace) -> LookWhere:
     return student
 
 
-def create_teacher(args: argparse.Namespace, student: LookWhere) -> VisionTransformer:
-    """The teacher at the student's image size (timm resizes its position embeddings on load)."""
+def create_teacher_for_student(args: argparse.Namespace, student: LookWhere) -> VisionTransformer:
+    """The run's teacher ViT (--teacher, --teacher-checkpoint, --teacher-kwargs) at the student's image size
+    (timm resizes its position embeddings on load). `timm_lookwhere.create_teacher(name)` is another thing:
+    the teacher a shipped LookWhere model was distilled from."""
     extra = dict(args.teacher_kwargs or {})
     size = tuple(student.patch_embed.img_size)
     if 'img_size' in extra and tuple(to_2tuple(extra['img_size'])) != size:
@@ -567,7 +155,8 @@ def create_teacher(args: argparse.Namespace, student: LookWhere) -> VisionTransf
     kwargs = dict(dict(num_classes=0, img_size=size), **extra)  # the classifier is never used: 0 unless asked
     if args.teacher_checkpoint:
         if not os.path.isfile(args.teacher_checkpoint):
-            raise FileNotFoundError(f'--teacher-checkpoint {args.teacher_checkpoint} does not exist')
+            what = 'is a folder, not a weights file' if os.path.isdir(args.teacher_checkpoint) else 'does not exist'
+            raise FileNotFoundError(f'--teacher-checkpoint {args.teacher_checkpoint} {what}')
         kwargs['pretrained_cfg_overlay'] = dict(file=args.teacher_checkpoint)
     pretrained = not args.teacher_random_init
     if args.teacher_random_init:
@@ -584,6 +173,14 @@ def create_teacher(args: argparse.Namespace, student: LookWhere) -> VisionTransf
     if not isinstance(teacher, VisionTransformer):
         raise TypeError(f'--teacher must name a timm VisionTransformer, {args.teacher} builds {type(teacher).__name__}')
     return teacher
+
+
+def create_teacher(args: argparse.Namespace, student: LookWhere) -> VisionTransformer:
+    """Deprecated name of `create_teacher_for_student`."""
+    warnings.warn(
+        'timm_lookwhere.distill.create_teacher(args, student) is now create_teacher_for_student(args, student); '
+        'timm_lookwhere.create_teacher(name) builds the teacher of a shipped model', DeprecationWarning, stacklevel=2)
+    return create_teacher_for_student(args, student)
 
 
 def create_data(args: argparse.Namespace, student: LookWhere) -> Tuple[Dataset, Any]:
@@ -618,76 +215,161 @@ def _autocast(args: argparse.Namespace, device: torch.device) -> Tuple[Any, Opti
 
 
 def _validate_args(args: argparse.Namespace) -> None:
-    positive = ('batch_size', 'steps', 'grad_accum', 'log_every', 'save_every')
-    for name in positive:
-        if getattr(args, name) < 1:
-            raise ValueError(f'--{name.replace("_", "-")} must be >= 1, got {getattr(args, name)}')
+    def flag(name: str) -> str:
+        return '--' + name.replace('_', '-')
+
+    at_least = dict(batch_size=1, steps=1, grad_accum=1, log_every=1, save_every=1, keep_every=0, workers=0)
+    for name, low in at_least.items():
+        if getattr(args, name) < low:
+            raise ValueError(f'{flag(name)} must be >= {low}, got {getattr(args, name)}')
     if args.warmup_steps < 0 or args.warmup_steps >= args.steps:
         raise ValueError(f'--warmup-steps must be in [0, --steps), got {args.warmup_steps} with --steps {args.steps}')
-    if args.lr <= 0:
+    if not (math.isfinite(args.lr) and args.lr > 0):
         raise ValueError(f'--lr must be positive, got {args.lr}')
-    if args.workers < 0:
-        raise ValueError(f'--workers must be >= 0, got {args.workers}')
+    # a negative lr or decay would climb the loss, a clip at or below 0 would zero or flip the gradients
+    for name in ('warmup_lr', 'min_lr', 'weight_decay', 'opt_eps'):
+        if not (math.isfinite(getattr(args, name)) and getattr(args, name) >= 0):
+            raise ValueError(f'{flag(name)} must be >= 0, got {getattr(args, name)}')
+    if args.clip_grad is not None and not args.clip_grad > 0:
+        raise ValueError(f'--clip-grad must be positive (leave it out for no clipping), got {args.clip_grad}')
+    if not all(0 <= beta < 1 for beta in args.betas):
+        raise ValueError(f'--betas must be in [0, 1), got {list(args.betas)}')
+    if not 0 <= args.drop_path < 1:
+        raise ValueError(f'--drop-path is a probability in [0, 1), got {args.drop_path}')
+    if not 0 < args.scale[0] <= args.scale[1] <= 1:
+        raise ValueError(f'--scale MIN MAX must be areas with 0 < MIN <= MAX <= 1, got {list(args.scale)}')
     if args.teacher_checkpoint and args.teacher_random_init:
         raise ValueError('give --teacher-checkpoint or --teacher-random-init, not both')
     if not args.data_dir and not args.dataset:
         raise ValueError('give --data-dir (an image folder) or --dataset (e.g. hfds/NAME, wds/NAME)')
+    if args.data_dir and not args.dataset and not os.path.exists(args.data_dir):
+        raise ValueError(f'--data-dir {args.data_dir} does not exist')
     if args.teacher_cache and not args.no_aug:
         raise ValueError('--teacher-cache keeps one set of targets per image, so it needs fixed inputs: add --no-aug')
+    for name in ('output', 'teacher_cache'):
+        path = getattr(args, name)
+        if path and os.path.exists(path) and not os.path.isdir(path):
+            raise ValueError(f'{flag(name)} {path} is a file; give a folder (made if missing)')
 
 
 # --------------------------------------------------------------------------------------------
-# checkpoints and metrics (rank 0 writes)
+# checkpoints, resuming and metrics (rank 0 writes)
 
 
-def _checkpoint(step, student, optimizer, scaler, k_generator, args, world_size) -> Dict[str, Any]:
-    """Tensors and plain python only, so timm's weights_only loader reads it."""
-    return dict(
-        state_dict={k: v.detach().cpu() for k, v in student.state_dict().items()},
-        optimizer=optimizer.state_dict(),
-        scaler=scaler.state_dict() if scaler is not None else None,
-        step=step,
-        k_rng_state=k_generator.get_state(),
-        arch=args.model,
-        world_size=world_size,
-        args={k: v for k, v in vars(args).items() if k != 'func'},
-        version=CHECKPOINT_VERSION,
-    )
+def _args_record(args: argparse.Namespace) -> Dict[str, Any]:
+    return {k: v for k, v in vars(args).items() if k != 'func'}
 
 
-def _save(state: Dict[str, Any], path: str) -> None:
-    tmp = path + '.tmp'
-    torch.save(state, tmp)
-    os.replace(tmp, path)  # atomic: a crash mid-save leaves the previous checkpoint intact
+def _kept_checkpoints(folder: str) -> List[str]:
+    """OUTPUT/checkpoint-STEP.pth (--keep-every), newest first."""
+    if not os.path.isdir(folder or '.'):
+        return []
+    kept = []
+    for name in os.listdir(folder or '.'):
+        match = re.fullmatch(r'checkpoint-(\d+)\.pth', name)
+        if match:
+            kept.append((int(match.group(1)), os.path.join(folder, name)))
+    return [path for _, path in sorted(kept, reverse=True)]
 
 
-def _load_resume(path: str, args: argparse.Namespace, world_size: int) -> Dict[str, Any]:
+def _other_checkpoints_hint(path: str) -> str:
+    folder = os.path.dirname(path)
+    kept = [p for p in _kept_checkpoints(folder) if os.path.abspath(p) != os.path.abspath(path)]
+    where = folder or '.'
+    if kept:
+        return f'Resume from a checkpoint kept in {where} (newest first: {", ".join(kept)}) with --resume PATH.'
+    return f'No checkpoint-STEP.pth is kept in {where} (--keep-every keeps them): start again in a new --output.'
+
+
+def _load_checkpoint(path: str) -> Dict[str, Any]:
+    if os.path.isdir(path):
+        raise ValueError(
+            f'--resume {path} is a folder; give a checkpoint in it (e.g. {os.path.join(path, "last.pth")}), '
+            'or --resume alone for OUTPUT/last.pth')
     if not os.path.isfile(path):
         raise FileNotFoundError(f'--resume: no checkpoint at {path}')
-    state = torch.load(path, map_location='cpu', weights_only=True)
+    try:
+        state = torch.load(path, map_location='cpu', weights_only=True)
+    except pickle.UnpicklingError:  # its objects would run code; torch's advice to load them anyway is not ours
+        raise ValueError(
+            f'{path} is not a distillation checkpoint: it holds python objects besides tensors and plain values, '
+            f'and was not loaded, since that would run code from the file. {_other_checkpoints_hint(path)}') from None
+    except Exception as err:  # torch reports a cut or damaged file as any of several errors
+        raise ValueError(
+            f'checkpoint {path} is corrupt: torch cannot read it ({type(err).__name__}: '
+            f'{str(err).split(". ")[0][:120] or "empty"}). {_other_checkpoints_hint(path)}') from None
     if not isinstance(state, dict) or 'optimizer' not in state or 'step' not in state:
         raise ValueError(f'{path} is not a distillation checkpoint (no optimizer state or step)')
-    if state['arch'] != args.model:
-        raise ValueError(f"{path} was trained as {state['arch']}, not --model {args.model}")
-    saved = state['args']
-    for name in ('batch_size', 'grad_accum', 'seed', 'steps', 'teacher'):
-        if saved.get(name) != getattr(args, name):
-            _logger.warning(f'Resuming with --{name.replace("_", "-")} {getattr(args, name)} '
-                            f'(the run was started with {saved.get(name)}): it will not repeat the original run.')
-    if state['world_size'] != world_size:
-        _logger.warning(f"Resuming on {world_size} processes, the run used {state['world_size']}: "
-                        'the data order will differ from the original run.')
     return state
 
 
+def _comparable(name: str, value: Any) -> Any:
+    if name in _PATH_ARGUMENTS and value:
+        return os.path.abspath(value)
+    return json.loads(json.dumps(value))  # (0.9, 0.999) from a default equals [0.9, 0.999] from the command line
+
+
+def _resume_changes(state: Dict[str, Any], args: argparse.Namespace, path: str) -> Dict[str, List[Any]]:
+    """The run's arguments that differ in `args`, as {name: [old, new]}: all honoured ones, or a ValueError
+    naming every refused one."""
+    saved = state['args']
+    changed, refused = {}, []
+    for name, (verdict, why) in RESUME_POLICY.items():
+        if name == 'resume' or name not in saved:
+            continue
+        if _comparable(name, saved[name]) == _comparable(name, getattr(args, name)):
+            continue
+        if verdict == REFUSED:
+            refused.append(f'--{name.replace("_", "-")} {getattr(args, name)!r} (the run has {saved[name]!r}): {why}')
+        changed[name] = [saved[name], getattr(args, name)]
+    if refused:
+        raise ValueError(
+            f'--resume {path}: these arguments cannot change within a run:\n  ' + '\n  '.join(refused)
+            + '\nResume with the run\'s values (its args.json lists them), or start a new run in another --output.')
+    if args.steps < state['step']:
+        raise ValueError(f"--steps {args.steps} is below the {state['step']} steps {path} has done")
+    return changed
+
+
+def _teacher_sha256(teacher: nn.Module) -> str:
+    """A fingerprint of the teacher's weights: --resume refuses other ones under any file name."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(teacher.state_dict().items()):
+        digest.update(f'{name} {tensor.dtype} {tuple(tensor.shape)}'.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def _load_optimizer_state(optimizer: torch.optim.Optimizer, state: Dict[str, Any]) -> None:
+    """The run's moments and step counts, under this invocation's lr, weight decay, betas and eps."""
+    fresh = [{k: group[k] for k in ('lr', 'weight_decay', 'betas', 'eps') if k in group}
+             for group in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    for group, values in zip(optimizer.param_groups, fresh):
+        group.update(values)
+        group.pop('initial_lr', None)  # the scheduler's peak lr: made anew from this --lr
+
+
 def _truncate_metrics(path: str, step: int) -> None:
-    """Drop records past the resumed step (logged after the checkpoint, before a crash)."""
+    """Keep the records up to the resumed step: later ones were logged after the checkpoint, before a crash,
+    and the resumed run logs those steps again. A line cut short by a kill mid-write goes too."""
     if not os.path.isfile(path):
         return
     with open(path) as f:
-        lines = [line for line in f if line.strip() and json.loads(line)['step'] <= step]
-    with open(path, 'w') as f:
-        f.writelines(lines)
+        lines = f.readlines()
+    kept = []
+    for line in lines:
+        with contextlib.suppress(ValueError, KeyError, TypeError):
+            if json.loads(line)['step'] <= step:
+                kept.append(line.rstrip('\n') + '\n')
+    with replacing(path) as tmp, open(tmp, 'w') as f:  # a kill mid-rewrite leaves the whole old log
+        f.writelines(kept)
+
+
+def _prepare_output(args: argparse.Namespace, start_step: int) -> None:
+    _truncate_metrics(os.path.join(args.output, 'metrics.jsonl'), start_step)
+    with replacing(os.path.join(args.output, 'args.json')) as tmp, open(tmp, 'w') as f:
+        json.dump(_args_record(args), f, indent=2)
 
 
 def _reduce_mean(values: Dict[str, torch.Tensor], world_size: int) -> Dict[str, float]:
@@ -699,32 +381,28 @@ def _reduce_mean(values: Dict[str, torch.Tensor], world_size: int) -> Dict[str, 
     return dict(zip(names, stacked.tolist()))
 
 
+@contextlib.contextmanager
+def _output_lock(output: str, rank: int, distributed: bool, device: torch.device) -> Iterator[None]:
+    """Rank 0, the only writer, holds the output folder for the run's life; every rank stops if it is refused."""
+    with contextlib.ExitStack() as stack:
+        refusal = None
+        if rank == 0:
+            try:
+                stack.enter_context(writer_lock(output))
+            except FolderLockedError as err:
+                refusal = err
+        if distributed:
+            refused = torch.tensor([int(refusal is not None)], device=device)
+            dist.broadcast(refused, src=0)
+            if refused.item() and refusal is None:
+                raise FolderLockedError(f'{output} is in use by another run: rank 0 could not lock it')
+        if refusal is not None:
+            raise refusal
+        yield
+
+
 # --------------------------------------------------------------------------------------------
 # the run
-
-
-def _build_student(args: argparse.Namespace, device: torch.device) -> Tuple[LookWhere, VisionTransformer]:
-    torch.manual_seed(args.seed)  # the random map head: the same on every process
-    student = create_student(args)
-    teacher = create_teacher(args, student)
-    init_student_from_teacher(student, teacher)
-    student.set_selector_trainable(True, head=True)
-    if args.grad_checkpointing:
-        student.set_grad_checkpointing()
-    student.to(device).train()  # before the optimiser: its loaded state follows the parameters' device
-    return student, teacher
-
-
-def _restore(path: str, args: argparse.Namespace, world_size: int, student: LookWhere, optimizer, scaler,
-             k_generator: torch.Generator) -> int:
-    """Load a checkpoint into the run; returns the number of updates it had done."""
-    state = _load_resume(path, args, world_size)
-    student.load_state_dict(state['state_dict'])
-    optimizer.load_state_dict(state['optimizer'])
-    if scaler is not None and state['scaler'] is not None:
-        scaler.load_state_dict(state['scaler'])
-    k_generator.set_state(state['k_rng_state'])
-    return state['step']
 
 
 def _to_device(batch, device: torch.device):
@@ -747,37 +425,164 @@ def _cache_description(args: argparse.Namespace, student: LookWhere) -> Dict[str
     )
 
 
-def _prepare_output(args: argparse.Namespace, start_step: int) -> None:
-    os.makedirs(args.output, exist_ok=True)
-    _truncate_metrics(os.path.join(args.output, 'metrics.jsonl'), start_step)
-    with open(os.path.join(args.output, 'args.json'), 'w') as f:
-        json.dump({k: v for k, v in vars(args).items() if k != 'func'}, f, indent=2)
+@dataclass
+class DistillRun:
+    """A distillation run's parts, and its loop from `start_step` to `--steps`: update, log, save."""
+    args: argparse.Namespace
+    distiller: nn.Module  # the student's forward and losses; DDP-wrapped on several processes
+    targets: Union[DistillTeacher, TeacherTargetCache]  # the teacher's targets of a micro-batch
+    optimizer: torch.optim.Optimizer
+    scheduler: Any  # warmup_cosine_scheduler: step_update(n) sets the lr of update n + 1
+    scaler: Optional[NativeScaler]  # float16 autocast only
+    autocast: Callable[[], Any]  # a new autocast (or null) context per micro-batch
+    batches: Iterator  # this process's micro-batches, from the resumed place in the stream on
+    k_generator: torch.Generator  # each step's k, the same on every process
+    k_range: Tuple[int, int]
+    start_step: int  # updates done before this process started
+    device: torch.device
+    rank: int
+    world_size: int
+    teacher_sha256: str  # saved, so that --resume refuses another teacher
+    argument_changes: List[Dict[str, Any]]  # each resume with honoured changes: its step, {name: [old, new]}
+    _tic: Tuple[float, int] = field(default=(0., 0), init=False)  # (time, step) of the last record
+
+    @property
+    def student(self) -> LookWhere:
+        return unwrap_model(self.distiller).student
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def images_per_step(self) -> int:
+        return self.args.batch_size * self.args.grad_accum * self.world_size
+
+    def run(self) -> None:
+        steps = self.args.steps
+        progress = tqdm(total=steps, initial=self.start_step, disable=not self.is_main, unit='step',
+                        dynamic_ncols=True)
+        self._tic = time.perf_counter(), self.start_step
+        for step in range(self.start_step + 1, steps + 1):
+            k, losses = self.update(step)
+            progress.update(1)
+            if step % self.args.log_every == 0 or step == steps:
+                self.log(step, k, losses, progress)
+            if step % self.args.save_every == 0 or step == steps:
+                self.save(step)
+        progress.close()
+
+    def update(self, step: int) -> Tuple[int, Dict[str, torch.Tensor]]:
+        self.scheduler.step_update(step - 1)  # sets this update's lr
+        k = int(torch.randint(self.k_range[0], self.k_range[1] + 1, (1,), generator=self.k_generator))
+        micro_batches = [_to_device(next(self.batches), self.device) for _ in range(self.args.grad_accum)]
+        losses = train_step(self.distiller, self.targets, micro_batches, self.optimizer, k, self.autocast,
+                            self.scaler, self.args.clip_grad)
+        return k, losses
+
+    def log(self, step: int, k: int, losses: Dict[str, torch.Tensor], progress: tqdm) -> None:
+        values = _reduce_mean(losses, self.world_size)  # every process takes part
+        toc = time.perf_counter()
+        tic, tic_step = self._tic
+        record = dict(step=step, **values, lr=self.optimizer.param_groups[0]['lr'], k=k,
+                      images_per_sec=self.images_per_step * (step - tic_step) / (toc - tic))
+        self._tic = toc, step
+        if not all(math.isfinite(v) for v in values.values()):
+            raise FloatingPointError(f'non-finite loss at step {step}: {values}')
+        if self.is_main:
+            with open(os.path.join(self.args.output, 'metrics.jsonl'), 'a') as f:
+                f.write(json.dumps(record) + '\n')
+            progress.set_postfix(
+                loss=f"{values['loss']:.4f}", cls=f"{values['loss_cls']:.4f}", patch=f"{values['loss_patch']:.4f}",
+                map=f"{values['loss_map']:.4f}", k=k, img_s=f"{record['images_per_sec']:.1f}")
+
+    def save(self, step: int) -> None:
+        if isinstance(self.targets, TeacherTargetCache):
+            self.targets.flush()
+        if not self.is_main:
+            return
+        state = self.checkpoint(step)
+        paths = [os.path.join(self.args.output, 'last.pth')]
+        if self.args.keep_every and step % self.args.keep_every == 0:
+            paths.append(os.path.join(self.args.output, f'checkpoint-{step}.pth'))
+        for path in paths:
+            with replacing(path) as tmp:  # a kill mid-save leaves the previous checkpoint whole
+                torch.save(state, tmp)
+
+    def checkpoint(self, step: int) -> Dict[str, Any]:
+        """Tensors and plain python only, so timm's weights_only loader reads it."""
+        return dict(
+            state_dict={k: v.detach().cpu() for k, v in self.student.state_dict().items()},
+            optimizer=self.optimizer.state_dict(),
+            scaler=self.scaler.state_dict() if self.scaler is not None else None,
+            step=step,
+            k_rng_state=self.k_generator.get_state(),
+            arch=self.args.model,
+            world_size=self.world_size,
+            args=_args_record(self.args),
+            teacher_sha256=self.teacher_sha256,
+            argument_changes=self.argument_changes,
+            version=CHECKPOINT_VERSION,
+        )
 
 
-def train(args: argparse.Namespace) -> int:
-    _validate_args(args)
-    info = _distributed(args.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
-    device, rank, world_size = torch.device(info['device']), info['global_rank'], info['world_size']
+def _resume_state(args: argparse.Namespace, world_size: int) -> Optional[Dict[str, Any]]:
+    """The checkpoint to continue from, its arguments checked against `args`; None for a new run."""
     last_path = os.path.join(args.output, 'last.pth')
-    resume_path = last_path if args.resume == 'auto' else args.resume
-    if not resume_path and os.path.exists(last_path):
-        raise ValueError(f'{last_path} exists: pass --resume to continue that run, or choose another --output')
+    if args.resume is None:
+        if os.path.exists(last_path):
+            raise ValueError(f'{last_path} exists: pass --resume to continue that run, or choose another --output')
+        return None
+    path = last_path if args.resume == 'auto' else args.resume
+    state = _load_checkpoint(path)
+    changed = _resume_changes(state, args, path)
+    state['argument_changes'] = list(state.get('argument_changes', []))
+    if changed:
+        state['argument_changes'].append(dict(step=state['step'], changed=changed))
+        listed = ', '.join(f'--{name.replace("_", "-")} {new!r} (was {old!r})' for name, (old, new) in changed.items())
+        _logger.warning(f"Resuming after step {state['step']} with changed arguments, applied from here on: {listed}")
+    if state['world_size'] != world_size:
+        _logger.warning(f"Resuming on {world_size} processes, the run used {state['world_size']}: "
+                        'the data order will differ from the original run.')
+    return state
 
-    student, teacher = _build_student(args, device)
+
+def _build_run(args: argparse.Namespace, device: torch.device, rank: int, world_size: int, distributed: bool,
+               state: Optional[Dict[str, Any]]) -> DistillRun:
+    """The student, teacher, optimiser, schedule and data of the run, restored from `state` if given."""
+    torch.manual_seed(args.seed)  # the random map head: the same on every process
+    student = create_student(args)
     k_range = resolve_k_range(student.num_patches, args.k_min, args.k_max)
+    teacher = create_teacher_for_student(args, student)
+    teacher_sha256 = _teacher_sha256(teacher)
+    if state is not None and state.get('teacher_sha256', teacher_sha256) != teacher_sha256:
+        raise ValueError(
+            f"the teacher's weights differ from the run's (sha256 {teacher_sha256[:12]}..., the run had "
+            f"{state['teacher_sha256'][:12]}...): they define what the student learns. Resume with the run's teacher "
+            '(its args.json names it), or start a new run in another --output.')
+    init_student_from_teacher(student, teacher)
+    student.set_selector_trainable(True, head=True)
+    if args.grad_checkpointing:
+        student.set_grad_checkpointing()
+    student.to(device).train()  # before the optimiser: its loaded state follows the parameters' device
+
     optimizer = create_optimizer_v2(
         student, opt='adamw', lr=args.lr, weight_decay=args.weight_decay, betas=tuple(args.betas), eps=args.opt_eps)
     autocast, scaler = _autocast(args, device)
     k_generator = torch.Generator().manual_seed(args.seed)  # the same k on every process
-    start_step = _restore(resume_path, args, world_size, student, optimizer, scaler, k_generator) if resume_path else 0
-    # warm-up then cosine to min_lr over --steps updates, as the authors' optax schedule
-    scheduler, _ = create_scheduler_v2(
-        optimizer, sched='cosine', num_epochs=args.steps - args.warmup_steps, warmup_epochs=args.warmup_steps,
-        warmup_prefix=True, warmup_lr=args.warmup_lr, min_lr=args.min_lr, step_on_epochs=False, updates_per_epoch=1)
+    start_step = 0
+    if state is not None:
+        student.load_state_dict(state['state_dict'])
+        _load_optimizer_state(optimizer, state['optimizer'])
+        if scaler is not None and state['scaler'] is not None:
+            scaler.load_state_dict(state['scaler'])
+        k_generator.set_state(state['k_rng_state'])
+        start_step = state['step']
+    scheduler = warmup_cosine_scheduler(optimizer, args.steps, args.warmup_steps, args.warmup_lr, args.min_lr)
 
     distill_teacher = DistillTeacher(teacher, args.attn_queries).to(device)
     distiller = Distiller(student, dict(cls=args.cls_weight, patch=args.patch_weight, map=args.map_weight))
-    if info['distributed']:
+    if distributed:
         # a zero loss weight leaves some parameters (e.g. the map head) without gradient
         unused = min(args.cls_weight, args.patch_weight, args.map_weight) == 0
         distiller = DistributedDataParallel(distiller, find_unused_parameters=unused)
@@ -786,65 +591,43 @@ def train(args: argparse.Namespace) -> int:
     if args.teacher_cache:
         if isinstance(dataset, torch.utils.data.IterableDataset):
             raise ValueError('--teacher-cache needs a map-style dataset (an image folder), not a streaming one')
-        if info['distributed'] and rank != 0:
+        if distributed and rank != 0:
             dist.barrier()  # rank 0 creates the files, the others then open them
         targets = TeacherTargetCache(distill_teacher, args.teacher_cache, len(dataset), student.num_patches,
                                      student.embed_dim, _cache_description(args, student))
-        if info['distributed'] and rank == 0:
+        if distributed and rank == 0:
             dist.barrier()
     batches = image_batches(
         dataset, transform, args.batch_size, args.workers, args.seed, start_step * args.grad_accum,
         world_size, rank, pin_memory=device.type == 'cuda', with_indices=bool(args.teacher_cache))
+    return DistillRun(
+        args=args, distiller=distiller, targets=targets, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
+        autocast=autocast, batches=batches, k_generator=k_generator, k_range=k_range, start_step=start_step,
+        device=device, rank=rank, world_size=world_size, teacher_sha256=teacher_sha256,
+        argument_changes=state['argument_changes'] if state is not None else [],
+    )
 
-    if rank == 0:
-        _prepare_output(args, start_step)
-        _logger.info(
-            f'Distilling {args.teacher} into {args.model}: {student.num_patches} patches, k in {list(k_range)}, '
-            f'{args.batch_size * args.grad_accum * world_size} images per step on {world_size} process(es).')
-    _run(args, distiller, targets, optimizer, scheduler, scaler, autocast, batches, k_generator,
-         k_range, start_step, device, rank, world_size)
+
+def train(args: argparse.Namespace) -> int:
+    """Run `lookwhere distill` with parsed arguments: check them, hold the output folder, resume or start, train."""
+    _validate_args(args)
+    info = _distributed(args.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
+    device, rank, world_size = torch.device(info['device']), info['global_rank'], info['world_size']
+    with _output_lock(args.output, rank, info['distributed'], device):
+        state = _resume_state(args, world_size)
+        run = _build_run(args, device, rank, world_size, info['distributed'], state)
+        del state  # the run holds copies of its tensors: free the memory
+        if rank == 0 and run.start_step < args.steps:  # a finished run resumed has nothing to change there
+            _prepare_output(args, run.start_step)
+            _logger.info(
+                f'Distilling {args.teacher} into {args.model}: {run.student.num_patches} patches, k in '
+                f'{list(run.k_range)}, {run.images_per_step} images per step on {world_size} process(es).')
+        run.run()
+        if info['distributed']:
+            dist.barrier()
     if info['distributed']:
-        dist.barrier()
         dist.destroy_process_group()
     return 0
-
-
-def _run(args, distiller, teacher, optimizer, scheduler, scaler, autocast, batches, k_generator, k_range,
-         start_step, device, rank, world_size) -> None:
-    is_main = rank == 0
-    student = unwrap_model(distiller).student
-    metrics_path = os.path.join(args.output, 'metrics.jsonl')
-    images_per_step = args.batch_size * args.grad_accum * world_size
-    progress = tqdm(total=args.steps, initial=start_step, disable=not is_main, unit='step', dynamic_ncols=True)
-    tic, tic_step = time.perf_counter(), start_step
-    for step in range(start_step + 1, args.steps + 1):
-        scheduler.step_update(step - 1)  # sets this update's lr
-        k = int(torch.randint(k_range[0], k_range[1] + 1, (1,), generator=k_generator))
-        micro_batches = [_to_device(next(batches), device) for _ in range(args.grad_accum)]
-        losses = train_step(distiller, teacher, micro_batches, optimizer, k, autocast, scaler, args.clip_grad)
-        progress.update(1)
-        if step % args.log_every == 0 or step == args.steps:
-            values = _reduce_mean(losses, world_size)  # every process takes part
-            toc = time.perf_counter()
-            record = dict(step=step, **values, lr=optimizer.param_groups[0]['lr'], k=k,
-                          images_per_sec=images_per_step * (step - tic_step) / (toc - tic))
-            tic, tic_step = toc, step
-            if not all(math.isfinite(v) for v in values.values()):
-                raise FloatingPointError(f'non-finite loss at step {step}: {values}')
-            if is_main:
-                with open(metrics_path, 'a') as f:
-                    f.write(json.dumps(record) + '\n')
-                progress.set_postfix(
-                    loss=f"{values['loss']:.4f}", cls=f"{values['loss_cls']:.4f}", patch=f"{values['loss_patch']:.4f}",
-                    map=f"{values['loss_map']:.4f}", k=k, img_s=f"{record['images_per_sec']:.1f}")
-        if isinstance(teacher, TeacherTargetCache) and (step % args.save_every == 0 or step == args.steps):
-            teacher.flush()
-        if is_main and (step % args.save_every == 0 or step == args.steps):
-            state = _checkpoint(step, student, optimizer, scaler, k_generator, args, world_size)
-            _save(state, os.path.join(args.output, 'last.pth'))
-            if args.keep_every and step % args.keep_every == 0:
-                _save(state, os.path.join(args.output, f'checkpoint-{step}.pth'))
-    progress.close()
 
 
 # --------------------------------------------------------------------------------------------
@@ -909,9 +692,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     group.add_argument('--amp-dtype', default='bfloat16', choices=('bfloat16', 'float16'))
 
     group = parser.add_argument_group('run')
-    group.add_argument('--output', required=True, help='folder for last.pth, metrics.jsonl, args.json')
+    group.add_argument('--output', required=True,
+                       help='folder for last.pth, metrics.jsonl, args.json; its lock file keeps a second run out')
     group.add_argument('--resume', nargs='?', const='auto', default=None, metavar='CHECKPOINT',
-                       help='continue from CHECKPOINT (default: OUTPUT/last.pth) exactly where it stopped')
+                       help='continue from CHECKPOINT (default: OUTPUT/last.pth) exactly where it stopped; '
+                            'arguments that define the run (model, teacher, objective, data) must not change')
     group.add_argument('--log-every', type=int, default=10, help='steps between metrics records (default: 10)')
     group.add_argument('--save-every', type=int, default=1000, help='steps between saves of last.pth (default: 1000)')
     group.add_argument('--keep-every', type=int, default=0,
@@ -936,6 +721,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = add_arguments(parser).parse_args(argv)
     logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname)s %(message)s')
     return train(args)
+
+
 
 
 if __name__ == '__main__':
