@@ -292,6 +292,16 @@ def test_a_file_where_a_folder_belongs_is_refused_by_name(run_files, tmp_path):
         main(args)
 
 
+@pytest.mark.parametrize('payload', [b'', b'not a checkpoint at all'])
+def test_an_empty_or_foreign_teacher_checkpoint_is_named(run_files, tmp_path, payload):
+    bad = tmp_path / 'teacher.pth'
+    bad.write_bytes(payload)
+    args = cli_args(run_files, tmp_path / 'out', '--steps', '2')
+    args[args.index('--teacher-checkpoint') + 1] = str(bad)
+    with pytest.raises(ValueError, match=f'--teacher-checkpoint: {bad} is (empty|not a readable PyTorch checkpoint)'):
+        main(args)
+
+
 def test_resume_from_a_folder_names_the_checkpoint_to_give(run_files, two_steps):
     with pytest.raises(ValueError, match=f"--resume {two_steps} is a folder.*{two_steps / 'last.pth'}"):
         main(cli_args(run_files, two_steps, '--steps', '2', '--resume', str(two_steps)))

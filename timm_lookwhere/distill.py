@@ -55,6 +55,7 @@ from .distillation import (  # noqa: F401  (re-exported: this module was the lib
     distillation_losses, image_batches, init_student_from_teacher, resolve_k_range, train_step,
     warmup_cosine_scheduler,
 )
+from .checkpoints import read_weights_file
 from .files import FolderLockedError, replacing, writer_lock
 from .lookwhere import LookWhere
 
@@ -157,6 +158,10 @@ def create_teacher_for_student(args: argparse.Namespace, student: LookWhere) -> 
         if not os.path.isfile(args.teacher_checkpoint):
             what = 'is a folder, not a weights file' if os.path.isdir(args.teacher_checkpoint) else 'does not exist'
             raise FileNotFoundError(f'--teacher-checkpoint {args.teacher_checkpoint} {what}')
+        try:  # an empty, cut or foreign file is named here, not by a bare error from deep inside timm
+            read_weights_file(args.teacher_checkpoint, mmap=True)
+        except (ValueError, RuntimeError) as err:
+            raise ValueError(f'--teacher-checkpoint: {err}') from None
         kwargs['pretrained_cfg_overlay'] = dict(file=args.teacher_checkpoint)
     pretrained = not args.teacher_random_init
     if args.teacher_random_init:
@@ -721,8 +726,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = add_arguments(parser).parse_args(argv)
     logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname)s %(message)s')
     return train(args)
-
-
 
 
 if __name__ == '__main__':
