@@ -29,10 +29,10 @@ from timm_lookwhere.distillation import (
 )
 
 TEACHER = 'vit_base_patch14_reg4_dinov2'
-# the teacher matching conftest's TINY student: 112 px, 8x8 grid, width 32, 2 blocks, 2 heads, 4 registers
-TINY_TEACHER = dict(img_size=112, embed_dim=32, depth=2, num_heads=2)
-TINY_KWARGS = ['embed_dim=32', 'depth=2', 'num_heads=2']
-TINY_MODEL_KWARGS = TINY_KWARGS + ['selector_img_size=42', 'selector_depth=1', 'map_grid=8']
+# the teacher matching conftest's TINY student (112 px, 8x8 grid, width 32, 2 blocks, 2 heads, 4 registers)
+TINY_TEACHER = {key: TINY[key] for key in ('img_size', 'embed_dim', 'depth', 'num_heads')}
+TINY_KWARGS = [f'{key}={TINY[key]}' for key in ('embed_dim', 'depth', 'num_heads')]  # as typed on the command line
+TINY_MODEL_KWARGS = [f'{key}={value}' for key, value in TINY.items() if key != 'img_size']
 NUM_PATCHES = 64
 RESULT_KEYS = ('step', 'loss', 'loss_cls', 'loss_patch', 'loss_map', 'lr', 'k')
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import test_distill
-from test_distill import RESULT_KEYS, cli_args, read_metrics, tiny_teacher
+from test_distill import RESULT_KEYS, TINY_MODEL_KWARGS, cli_args, read_metrics, tiny_teacher
 from timm_lookwhere import distill
 from timm_lookwhere.distill import RESUME_POLICY, main
 from timm_lookwhere.files import FolderLockedError
@@ -91,8 +91,7 @@ def test_resume_honours_a_new_lr_schedule_length_and_weight_decay(run_files, two
 
 @pytest.mark.parametrize('extra, name, old, new', [
     (['--img-size', '126'], '--img-size', '112', '126'),
-    (['--model-kwargs', 'embed_dim=32', 'depth=2', 'num_heads=2', 'selector_img_size=42', 'selector_depth=1',
-      'map_grid=4'], '--model-kwargs', "'map_grid': 8", "'map_grid': 4"),
+    (['--model-kwargs', *TINY_MODEL_KWARGS[:-1], 'map_grid=4'], '--model-kwargs', "'map_grid': 8", "'map_grid': 4"),
     (['--k-max', '5'], '--k-max', 'None', '5'),
     (['--map-weight', '0.5'], '--map-weight', '0.1', '0.5'),
     (['--batch-size', '2'], '--batch-size', '4', '2'),
