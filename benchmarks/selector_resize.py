@@ -28,29 +28,16 @@ from typing import Dict, List
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 import timm
 import timm_lookwhere  # noqa: F401  (registers the models)
-from timm_lookwhere.data import SparseSigns, sign_patches_seen
+from timm_lookwhere.data import SceneTensors, SparseSigns, sign_patches_seen
 
 MODEL = 'lookwhere_vitt16_256.sparse_signs'
 MODES = ('bilinear', 'antialiased', 'area')
 SEED = 11  # a test-scene seed of its own
-
-
-class _Scenes(Dataset):
-    def __init__(self, signs: SparseSigns):
-        self.signs = signs
-
-    def __len__(self) -> int:
-        return len(self.signs)
-
-    def __getitem__(self, index: int):
-        scene = self.signs.scene(index)
-        image = torch.from_numpy(np.asarray(scene.image, dtype=np.uint8).copy()).permute(2, 0, 1)
-        return image, scene.label, torch.tensor(scene.box)
 
 
 def low_res_mode(model: torch.nn.Module, mode: str):
@@ -75,7 +62,7 @@ def normalize(images: torch.Tensor, cfg: Dict) -> torch.Tensor:
 @torch.no_grad()
 def measure(model, size: int, args) -> Dict[str, Dict[str, float]]:
     signs = SparseSigns('test', args.scenes, img_size=size, seed=SEED)
-    loader = DataLoader(_Scenes(signs), batch_size=args.batch_size, num_workers=args.workers)
+    loader = DataLoader(SceneTensors(signs), batch_size=args.batch_size, num_workers=args.workers)
     patch = model.patch_embed.patch_size[0]
     grid = (size // patch, size // patch)
     seen: Dict[str, List[torch.Tensor]] = {m: [] for m in MODES}

@@ -1,15 +1,33 @@
 """benchmarks/speed.py: its arguments, its plan, and one tiny configuration end to end (numbers not checked)."""
 import json
+import runpy
 import sys
+import types
 from pathlib import Path
 
 import pytest
 import torch
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / 'benchmarks'
-sys.path.insert(0, str(BENCHMARKS))
 
-import speed  # noqa: E402
+
+def script(name: str) -> types.ModuleType:
+    """benchmarks/NAME.py's globals as a module object, as running it by path defines them (benchmarks/ is not a
+    package and stays off sys.path)."""
+    module = types.ModuleType(name)
+    module.__dict__.update(runpy.run_path(str(BENCHMARKS / f'{name}.py'), run_name=name))
+    return module
+
+
+speed, report = script('speed'), script('report')
+
+
+@pytest.fixture(autouse=True)
+def sibling_scripts(monkeypatch):
+    """Run by path, a script imports the scripts beside it (`from speed import ...`, `from report import ...`), its
+    folder being first on sys.path; here it finds them, loaded by path, while each test runs."""
+    monkeypatch.setitem(sys.modules, 'speed', speed)
+    monkeypatch.setitem(sys.modules, 'report', report)
 
 
 def test_quick_and_full_runs_get_their_documented_defaults():
@@ -121,7 +139,7 @@ def test_bfloat16_autocast_runs_the_models_in_bfloat16(tmp_path):
 
 
 def test_native_resolution_times_one_dynamic_model_beside_fixed_ones_and_plots_it(tmp_path):
-    import native_resolution
+    native_resolution = script('native_resolution')
     results = native_resolution.main(['--tiny', '--sizes', '112x112', '140x252', '--k-ratios', '0.25', '--outputs',
                                       'cls', 'dense', '--reps', '1', '--no-memory', '--out', str(tmp_path)])
     rows = [r for r in results['rows'] if r.get('model') != 'vit']
@@ -139,6 +157,6 @@ def test_native_resolution_times_one_dynamic_model_beside_fixed_ones_and_plots_i
 
 
 def test_native_resolution_sizes_must_be_whole_patches():
-    import native_resolution
+    native_resolution = script('native_resolution')
     with pytest.raises(SystemExit, match='multiples of the patch size 14'):
         native_resolution.parse_args(['--sizes', '500x500'])

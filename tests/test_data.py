@@ -6,8 +6,8 @@ import torch
 from timm.data import create_dataset, create_loader
 
 from timm_lookwhere.data import (
-    AREA_RANGE, CLASS_NAMES, SIGN_CLASSES, SPLITS, SparseSigns, folder_names, generate_scene, scene_label, scene_rng,
-    write_image_folder,
+    AREA_RANGE, CLASS_NAMES, SIGN_CLASSES, SPLITS, SceneTensors, SparseSigns, folder_names, generate_scene, scene_label,
+    scene_rng, write_image_folder,
 )
 
 
@@ -73,6 +73,16 @@ def test_dataset_gives_images_and_labels_through_timm_loader():
     images, labels = next(iter(loader))
     assert images.shape == (3, 3, 128, 128) and images.dtype == torch.float32
     assert labels.tolist() == [generate_scene(3, 'test', i, img_size=128).label for i in range(3)]
+
+
+def test_scene_tensors_give_each_scenes_pixels_label_and_sign_box_in_batches():
+    signs = SparseSigns('val', num_samples=4, img_size=96, seed=2)
+    images, labels, boxes = next(iter(torch.utils.data.DataLoader(SceneTensors(signs), batch_size=4)))
+    assert images.shape == (4, 3, 96, 96) and images.dtype == torch.uint8 and len(SceneTensors(signs)) == 4
+    for i in range(4):
+        scene = signs.scene(i)
+        assert np.array_equal(images[i].permute(1, 2, 0).numpy(), pixels(scene))
+        assert labels[i] == scene.label and tuple(boxes[i].tolist()) == scene.box
 
 
 def test_image_folder_export_reads_back_in_timm_with_the_same_labels(tmp_path):

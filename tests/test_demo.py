@@ -120,7 +120,7 @@ def test_demo_of_hub_model_without_network_says_what_to_do(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------
-# the shipped sign model (benchmarks/sparse_signs.py --ship)
+# the shipped sign model (python -m timm_lookwhere.recipes.sparse_signs --ship)
 
 
 def expected_zoom(scene):

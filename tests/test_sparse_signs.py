@@ -1,7 +1,8 @@
-"""benchmarks/sparse_signs.py: the teacher's patch supervision, its sign windows, and every stage end to end."""
+"""The sparse-signs recipe: the teacher's patch supervision, its sign windows, and every stage end to end,
+its evaluation (benchmarks/sparse_signs.py, run by path) included."""
 import json
 import os
-import sys
+import runpy
 from pathlib import Path
 
 import pytest
@@ -10,11 +11,12 @@ from PIL import Image
 
 import timm
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'benchmarks'))
+from timm_lookwhere.data import WIDE_AREA_RANGE, generate_scene, to_uint8_tensor
+from timm_lookwhere.recipes import sparse_signs
+from timm_lookwhere.teachers import TEACHER_BASE
 
-import sparse_signs  # noqa: E402
-from timm_lookwhere.data import WIDE_AREA_RANGE, generate_scene  # noqa: E402
-from timm_lookwhere.lookwhere import TEACHER_BASE  # noqa: E402
+# the evaluation is a script of the source tree, not a module: its globals, as running it by path defines them
+EVALUATION = runpy.run_path(str(Path(__file__).resolve().parents[1] / 'benchmarks' / 'sparse_signs.py'))
 
 
 def test_patch_targets_name_the_sign_where_its_box_covers_a_fifth_of_the_patch():
@@ -77,7 +79,8 @@ def restore_threads(monkeypatch):
 @pytest.mark.parametrize('config', ['512', '256'])
 def test_tiny_run_goes_through_every_stage_and_writes_the_table_and_plot(config, tmp_path, restore_threads):
     argv = ['--config', config, '--output', str(tmp_path), '--tiny', '--workers', '0']
-    assert sparse_signs.main(argv) == 0
+    evaluate = ['--output', str(tmp_path), '--workers', '0']
+    assert sparse_signs.main(argv) == 0 and EVALUATION['main'](evaluate) == 0
     results = json.loads((tmp_path / 'results.json').read_text())
     assert results['config'] == f'lookwhere_vitt16_{config}.sparse_signs'
     names = [row['model'] for row in results['rows']]
@@ -98,9 +101,9 @@ def test_tiny_run_goes_through_every_stage_and_writes_the_table_and_plot(config,
     for shares in (distilled['sign_patches_seen'], distilled['target_sign_patches_seen']):  # selector, its target
         assert set(shares) == {'k=2%', 'k=5%', 'k=10%'} and all(0 <= v <= 1 for v in shares.values())
     timings = json.loads((tmp_path / 'timings.json').read_text())
-    assert set(timings) == set(sparse_signs.STAGES)
+    assert set(timings) == {*sparse_signs.STAGES, 'evaluate'}
     # a second run finds every stage done and redoes nothing
-    assert sparse_signs.main(argv) == 0
+    assert sparse_signs.main(argv) == 0 and EVALUATION['main'](evaluate) == 0
     assert json.loads((tmp_path / 'timings.json').read_text()) == timings
 
 
@@ -110,7 +113,7 @@ def test_cached_split_holds_the_generators_scenes(tmp_path):
     again = sparse_signs.load_split(str(tmp_path), cfg, 'test', 3, workers=0, seed=cfg.test_seed)  # from the cache
     for i in range(3):
         scene = generate_scene(cfg.test_seed, 'test', i, img_size=512, area_range=WIDE_AREA_RANGE)
-        assert torch.equal(data['images'][i], sparse_signs.to_uint8_tensor(scene.image))
+        assert torch.equal(data['images'][i], to_uint8_tensor(scene.image))
         assert torch.equal(again['images'][i], data['images'][i])
         assert data['labels'][i] == scene.label and tuple(data['boxes'][i].tolist()) == scene.box
 
@@ -159,8 +162,18 @@ def test_a_lever_runs_in_its_own_folder_on_shared_data_and_teacher(tmp_path, res
     assert json.loads((lever / 'distill' / 'args.json').read_text())['map_weight'] == 0.25
     assert json.loads((lever / 'run.json').read_text())['overrides'] == dict(map_weight=0.25, distill_steps=2)
     capsys.readouterr()
-    assert sparse_signs.main(['--lever-table', str(base), str(lever)]) == 0
+    assert EVALUATION['main'](['--lever-table', str(base), str(lever)]) == 0
     table = capsys.readouterr().out.splitlines()
     assert len(table) == 4 and 'the configuration as is' in table[2] and 'map_weight=0.25' in table[3]
     with pytest.raises(ValueError, match='--set takes key=value'):
         sparse_signs.main(common + ['--output', str(lever), '--set', 'not_a_setting=1'])
+
+
+def test_the_command_the_package_names_is_the_recipe_and_its_usage(capsys):
+    from importlib.util import find_spec
+
+    from timm_lookwhere.lookwhere import SIGNS_RECIPE
+    assert SIGNS_RECIPE.startswith('python -m ') and find_spec(SIGNS_RECIPE.split()[-1]) is not None
+    with pytest.raises(SystemExit):
+        sparse_signs.parse_args(['--help'])
+    assert capsys.readouterr().out.startswith(f'usage: {SIGNS_RECIPE} [-h] --output DIR')

@@ -1,4 +1,4 @@
-""" Sparse traffic signs: procedural high-res scenes where the object is ~1-2% of the image.
+""" Sparse traffic-sign data: procedural high-res scenes, the sign ~1-2% of the image, as datasets, tensors, folders.
 
 The closest offline stand-in for the paper's high-res Traffic Signs task. Each scene is a cluttered
 picture (textured background, lines and poles, coloured shapes that are not signs, some of them
@@ -14,6 +14,7 @@ so train, val and test never share a scene.
     ds = SparseSigns('test', num_samples=1000)        # on the fly, a torch Dataset of (PIL, label)
     wide = SparseSigns('test', 1000, img_size=512, area_range=WIDE_AREA_RANGE)   # the high-res regime
     scene = ds.scene(0)                               # .image, .label, .box, .area_fraction
+    tensors = SceneTensors(ds)                        # (uint8 (3, H, W), label, box): batches with the sign's box
     write_image_folder('data', 'train', 8000)         # data/train/<class>/<index>.png for timm tools
 """
 import math
@@ -26,11 +27,13 @@ import torch
 from PIL import Image, ImageDraw, ImageFilter
 from torch.utils.data import Dataset
 
+from .files import replacing
+
 __all__ = [
     'SIGN_CLASSES', 'CLASS_NAMES', 'SPLITS', 'AREA_RANGE', 'WIDE_AREA_RANGE', 'SignClass', 'Scene', 'generate_scene',
     'render_sign',
-    'scene_rng', 'scene_label', 'SparseSigns', 'folder_names', 'write_image_folder', 'patches_under_box',
-    'sign_patches_seen',
+    'scene_rng', 'scene_label', 'SparseSigns', 'SceneTensors', 'to_uint8_tensor', 'folder_names', 'write_image_folder',
+    'patches_under_box', 'sign_patches_seen',
 ]
 
 SPLITS = ('train', 'val', 'test')
@@ -417,6 +420,25 @@ class SparseSigns(Dataset):
         return f'{type(self).__name__}({self.extra_repr()})'
 
 
+def to_uint8_tensor(image: Image.Image) -> torch.Tensor:
+    """An RGB image as a uint8 (3, H, W) tensor."""
+    return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)  # (3, H, W)
+
+
+class SceneTensors(Dataset):
+    """`signs`' scenes as (uint8 (3, H, W) image, label, (4,) sign box) tensors: batches that say where the sign is."""
+
+    def __init__(self, signs: SparseSigns):
+        self.signs = signs
+
+    def __len__(self) -> int:
+        return len(self.signs)
+
+    def __getitem__(self, index: int):
+        scene = self.signs.scene(index)
+        return to_uint8_tensor(scene.image), scene.label, torch.tensor(scene.box)
+
+
 def folder_names() -> Tuple[str, ...]:
     """Class folder names: '00_stop', '01_no_entry', ... sort in label order, so the indices an
     ImageFolder (timm, torchvision) gives them are the labels."""
@@ -454,8 +476,8 @@ def write_image_folder(
         path = os.path.join(folder, folder_names()[label], f'{index:06d}.png')
         if not os.path.exists(path):
             # written aside first: an interrupted save leaves no truncated .png for ImageFolder to find
-            dataset.scene(index).image.save(path + '.tmp', format='PNG', compress_level=1)
-            os.replace(path + '.tmp', path)
+            with replacing(path) as tmp:
+                dataset.scene(index).image.save(tmp, format='PNG', compress_level=1)
     return folder
 
 

@@ -34,7 +34,7 @@ __all__ = [
 
 SIGNS_MODEL = 'lookwhere_vitt16_512'  # the high-res one: where looking at few patches pays
 SIGNS_TAG = 'sparse_signs'
-# the shipped sign models and the scenes each was trained on (benchmarks/sparse_signs.py --config 256 / 512)
+# the shipped sign models and the scenes each was trained on (timm_lookwhere.recipes.sparse_signs --config 256 / 512)
 SIGN_SCENES = {'lookwhere_vitt16_256': AREA_RANGE, 'lookwhere_vitt16_512': WIDE_AREA_RANGE}
 
 PANEL_TARGET = 512  # images are shown enlarged by a whole factor up to about this side
