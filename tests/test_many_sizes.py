@@ -81,6 +81,18 @@ def test_fixed_k_list_is_one_batch_without_padding_and_k_ratio_pads_with_a_valid
     assert ratio['tokens'].shape == (3, 5 + max(counts), TINY['embed_dim'])
 
 
+def test_with_k_ratio_the_extractor_runs_images_of_similar_k_together_not_padded_to_the_largest():
+    """Cost follows k: one large image among small ones does not make each small one pay for its k."""
+    model = many_sizes_model(k_ratio=0.2)
+    sizes = [(56, 56), (420, 420), (56, 56), (56, 56), (406, 420)]  # k = 3, 180, 3, 3, 174
+    runs = []
+    model.blocks[0].register_forward_pre_hook(lambda module, args: runs.append(tuple(args[0].shape[:2])))
+    with torch.no_grad():
+        out = model.forward_all([torch.randn(3, h, w) for h, w in sizes])
+    assert sorted(runs) == [(2, 5 + 180), (3, 5 + 3)]  # the two groups, each padded to its own longest
+    assert out['tokens'].shape[1] == 5 + 180 and out['patch_valid'].sum(1).tolist() == [3, 180, 3, 3, 174]
+
+
 def test_a_list_of_images_of_the_models_size_gives_the_tensor_batchs_results():
     model = tiny_model(num_classes=5)  # a fixed-size model takes a list of images of its own size
     x = torch.randn(3, 3, 112, 112)

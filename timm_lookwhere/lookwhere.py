@@ -165,6 +165,22 @@ class ScoreLayout(Rearrange):
     """einops' Rearrange, kept whole by FX tracing."""
 
 
+# Images whose k differ by at most this factor share an extractor pass, padded to the longest of them.
+PADDING_SLACK = 1.25
+
+
+def _similar_k_groups(counts: List[int]) -> List[Tuple[List[int], int]]:
+    """Image ids grouped by similar k (sorted, a group's longest at most PADDING_SLACK times its shortest):
+    (ids, the group's longest k) each, so the padding a group runs is at most a quarter of its tokens."""
+    order = sorted(range(len(counts)), key=lambda i: counts[i])
+    groups, start = [], 0
+    for end in range(1, len(order) + 1):
+        if end == len(order) or counts[order[end]] > PADDING_SLACK * counts[order[start]]:
+            groups.append((order[start:end], counts[order[end - 1]]))
+            start = end
+    return groups
+
+
 class LookWhereSelector(nn.Module):
     """Low-res ViT and an MLP that turns each low-res patch token into a sub-grid of high-res scores.
 
@@ -622,10 +638,56 @@ class LookWhere(nn.Module):
             else:
                 tokens = self.blocks(tokens)
             return self.norm(tokens)
-        mask = self._key_mask(patch_valid)
-        for block in self.blocks:
-            tokens = checkpoint(block, tokens, mask) if self.grad_checkpointing else block(tokens, attn_mask=mask)
+        tokens, _ = self._padded_blocks(tokens, patch_valid, self.blocks, [])
         return self._zero_padding(self.norm(tokens), patch_valid)
+
+    def _padded_blocks(
+            self,
+            tokens: torch.Tensor,
+            patch_valid: Optional[torch.Tensor],
+            blocks: nn.Sequential,
+            take_indices: List[int],
+            norm: bool = False,
+    ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+        """`blocks` on (B, P + k_max, D) tokens padded to the longest image: (final tokens, the outputs of the
+        blocks in `take_indices`, normed if asked), each (B, P + k_max, D).
+
+        Images of similar k run together, each group padded only to its own longest and the padding masked:
+        one 4K frame among thumbnails would otherwise make every image of the batch pay for its k.
+        """
+        if patch_valid is None:
+            return self._run_blocks(tokens, None, blocks, take_indices, norm)
+        counts = patch_valid.sum(1).tolist()
+        out = torch.zeros_like(tokens)
+        taken = [torch.zeros_like(tokens) for _ in take_indices]
+        for images, k in _similar_k_groups(counts):
+            rows = torch.tensor(images, device=tokens.device)
+            length = self.num_prefix_tokens + k
+            valid = patch_valid[rows, :k]  # (b, k)
+            mask = None if bool(valid.all()) else self._key_mask(valid)
+            final, group_taken = self._run_blocks(tokens[rows, :length], mask, blocks, take_indices, norm)
+            out[rows, :length] = final
+            for whole, part in zip(taken, group_taken):
+                whole[rows, :length] = part
+        return out, taken
+
+    def _run_blocks(
+            self,
+            tokens: torch.Tensor,
+            mask: Optional[torch.Tensor],
+            blocks: nn.Sequential,
+            take_indices: List[int],
+            norm: bool = False,
+    ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+        taken = []
+        for i, block in enumerate(blocks):
+            if self.grad_checkpointing and not torch.jit.is_scripting():
+                tokens = checkpoint(block, tokens) if mask is None else checkpoint(block, tokens, mask)
+            else:
+                tokens = block(tokens) if mask is None else block(tokens, attn_mask=mask)  # (B, P + k, D)
+            if i in take_indices:
+                taken.append(self.norm(tokens) if norm else tokens)
+        return tokens, taken
 
     def _key_mask(self, patch_valid: torch.Tensor) -> torch.Tensor:
         """(B, k) valid patches -> (B, 1, 1, P + k) attention mask: every query attends to the prefix and the
@@ -829,17 +891,8 @@ class LookWhere(nn.Module):
             tokens, patch_valid = many['tokens'], many['patch_valid']  # (B, P + k_max, D), (B, k_max) or None
         else:
             _, chosen, tokens, grid = self._input_tokens(x)  # (B, k), (B, P + k, D), (rows, cols)
-        mask = None if patch_valid is None else self._key_mask(patch_valid)
-
         blocks = self.blocks[:max_index + 1] if stop_early else self.blocks
-        taken = []
-        for i, block in enumerate(blocks):
-            if self.grad_checkpointing and not torch.jit.is_scripting():
-                tokens = checkpoint(block, tokens) if mask is None else checkpoint(block, tokens, mask)
-            else:
-                tokens = block(tokens) if mask is None else block(tokens, attn_mask=mask)  # (B, P + k, D)
-            if i in take_indices:
-                taken.append(self.norm(tokens) if norm else tokens)
+        tokens, taken = self._padded_blocks(tokens, patch_valid, blocks, take_indices, norm)
 
         prefix_tokens = [t[:, :self.num_prefix_tokens] for t in taken]  # (B, P, D) each
         # every block shares the selection: one neighbour search fills all of them, side by side in channels
@@ -1067,13 +1120,13 @@ default_cfgs = generate_default_cfgs({
     'lookwhere_vitt16_256.sparse_signs': _cfg(
         file=os.path.join(WEIGHTS_DIR, 'lookwhere_vitt16_256_sparse_signs.safetensors'),
         num_classes=14, input_size=(3, 256, 256), interpolation='bilinear',
-        notes=('Sparse traffic signs (timm_lookwhere.data): teacher trained, distilled, fine-tuned with the '
+        notes=('Sparse traffic signs (timm_lookwhere.scenes): teacher trained, distilled, fine-tuned with the '
                f'selector frozen, all by `{SIGNS_RECIPE} --config 256`.',),
     ),
     'lookwhere_vitt16_512.sparse_signs': _cfg(
         file=os.path.join(WEIGHTS_DIR, 'lookwhere_vitt16_512_sparse_signs.safetensors'),
         num_classes=14, input_size=(3, 512, 512), interpolation='bilinear',
-        notes=('Sparse traffic signs in 512 px scenes, the sign 0.25-0.5% of the image (timm_lookwhere.data, '
+        notes=('Sparse traffic signs in 512 px scenes, the sign 0.25-0.5% of the image (timm_lookwhere.scenes, '
                f'WIDE_AREA_RANGE): `{SIGNS_RECIPE} --config 512`.',),
     ),
 })
