@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 import timm
 import timm_lookwhere  # noqa: F401  (registers the models)
-from timm_lookwhere.data import SceneTensors, SparseSigns, sign_patches_seen
+from timm_lookwhere.scenes import SceneTensors, SparseSigns, sign_patches_seen
 
 MODEL = 'lookwhere_vitt16_256.sparse_signs'
 MODES = ('bilinear', 'antialiased', 'area')

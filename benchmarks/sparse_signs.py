@@ -29,7 +29,7 @@ import torch.nn as nn
 
 from timm_lookwhere import SelectionRecorder
 from timm_lookwhere.cost import median_latency_ms
-from timm_lookwhere.data import CLASS_NAMES, patches_under_box, sign_patches_seen
+from timm_lookwhere.scenes import CLASS_NAMES, patches_under_box, sign_patches_seen
 from timm_lookwhere.recipes.sparse_signs import K_RATIOS, LowResViT, RunConfig, accuracy, build_teacher, \
     create_lookwhere, export_path, gflops, load_split, run_config, run_stage, start_run, write_json
 

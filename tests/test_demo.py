@@ -10,7 +10,7 @@ from PIL import Image
 
 import timm
 from timm_lookwhere import cli, demo
-from timm_lookwhere.data import AREA_RANGE, CLASS_NAMES, WIDE_AREA_RANGE, generate_scene
+from timm_lookwhere.scenes import AREA_RANGE, CLASS_NAMES, WIDE_AREA_RANGE, generate_scene
 
 from conftest import TINY, tiny_model
 

@@ -9,7 +9,7 @@ import torch
 
 import timm
 import timm_lookwhere  # noqa: F401  (registers the models)
-from timm_lookwhere.data import generate_scene
+from timm_lookwhere.scenes import generate_scene
 
 from conftest import TINY, tiny_model
 

@@ -5,7 +5,7 @@ import torch
 
 from timm.data import create_dataset, create_loader
 
-from timm_lookwhere.data import (
+from timm_lookwhere.scenes import (
     AREA_RANGE, CLASS_NAMES, SIGN_CLASSES, SPLITS, SceneTensors, SparseSigns, folder_names, generate_scene, scene_label,
     scene_rng, write_image_folder,
 )

@@ -11,7 +11,7 @@ from PIL import Image
 
 import timm
 
-from timm_lookwhere.data import WIDE_AREA_RANGE, generate_scene, to_uint8_tensor
+from timm_lookwhere.scenes import WIDE_AREA_RANGE, generate_scene, to_uint8_tensor
 from timm_lookwhere.recipes import sparse_signs
 from timm_lookwhere.teachers import TEACHER_BASE
 

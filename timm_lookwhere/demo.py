@@ -22,7 +22,7 @@ import timm
 from timm.data import ImageNetInfo, resolve_data_config
 from timm.utils import ParseKwargs
 
-from .data import AREA_RANGE, CLASS_NAMES, WIDE_AREA_RANGE, generate_scene, patches_under_box
+from .scenes import AREA_RANGE, CLASS_NAMES, WIDE_AREA_RANGE, generate_scene, patches_under_box
 from .lookwhere import LookWhere, SelectionRecorder
 from .teachers import TEACHER_BASE, create_teacher, dense_counterpart_kwargs
 from .cli import non_negative_int, positive_int

@@ -1,4 +1,4 @@
-""" Sparse traffic-sign data: procedural high-res scenes, the sign ~1-2% of the image, as datasets, tensors, folders.
+"""Generated traffic-sign scenes: procedural high-res street images with a small sign, as datasets, tensors, folders.
 
 The closest offline stand-in for the paper's high-res Traffic Signs task. Each scene is a cluttered
 picture (textured background, lines and poles, coloured shapes that are not signs, some of them

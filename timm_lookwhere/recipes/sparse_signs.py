@@ -1,6 +1,6 @@
 """ The sparse-signs recipe: trains, exports and ships a LookWhere and its teacher on the generated sign scenes.
 
-The paper's pipeline on `timm_lookwhere.data`'s procedural scenes (one sign in a cluttered image,
+The paper's pipeline on `timm_lookwhere.scenes`'s procedural scenes (one sign in a cluttered image,
 14 classes), with the project's own tools, on a CPU. Two configurations:
 
     --config 512  (default) the paper's regime: 512 px scenes (1024 patches of 16 px), the sign 0.25-0.5%
@@ -72,7 +72,7 @@ from timm.models import get_pretrained_cfg
 from timm.optim import create_optimizer_v2
 
 from ..cost import count_flops
-from ..data import AREA_RANGE, CLASS_NAMES, WIDE_AREA_RANGE, SceneTensors, SparseSigns, sign_patches_seen, \
+from ..scenes import AREA_RANGE, CLASS_NAMES, WIDE_AREA_RANGE, SceneTensors, SparseSigns, sign_patches_seen, \
     write_image_folder
 from ..distillation import DistillTeacher, warmup_cosine_scheduler
 from ..files import replacing, writer_lock
