@@ -160,3 +160,27 @@ def test_native_resolution_sizes_must_be_whole_patches():
     native_resolution = script('native_resolution')
     with pytest.raises(SystemExit, match='multiples of the patch size 14'):
         native_resolution.parse_args(['--sizes', '500x500'])
+
+
+def test_mixed_sizes_times_every_method_over_the_same_images_and_plots_them(tmp_path):
+    mixed_sizes = script('mixed_sizes')
+    sizes = mixed_sizes.image_sizes(64, seed=0)
+    assert sum(max(s) > 2000 for s in sizes) == 13 and max(max(s) for s in sizes) <= 3840  # a fifth above 2000 px
+    assert min(min(s) for s in sizes) >= 300 and sum(h == w for h, w in sizes) == 16
+    results = mixed_sizes.main(['--tiny', '--images', '6', '--reps', '1', '--no-memory', '--out', str(tmp_path)])
+    assert set(results['methods']) == {
+        'list16/fixed_k', 'per_image/fixed_k', 'resized518/fixed_k', 'list16/k_ratio', 'per_image/k_ratio',
+        'resized518/k_ratio', 'naflex/fixed_k', 'list16/small_fixed_k', 'per_image/small_fixed_k',
+        'copies/small_fixed_k', 'vit/own_size'}
+    assert all(row['images_per_s'] > 0 for row in results['methods'].values())
+    assert results['same_size']['ratio'] > 0 and len(results['vit']) == 6
+    assert (tmp_path / 'mixed_sizes.png').read_bytes()[:4] == b'\x89PNG'
+    assert 'Cost per image at the same B x k' in (tmp_path / 'mixed_sizes.md').read_text()
+    memory = mixed_sizes.measure_memory('list16/fixed_k', ['--tiny', '--images', '4'])
+    assert memory['peak_mb'] > 0
+
+
+def test_mixed_sizes_refuses_counts_below_one():
+    mixed_sizes = script('mixed_sizes')
+    with pytest.raises(SystemExit):
+        mixed_sizes.parse_args(['--images', '0'])
