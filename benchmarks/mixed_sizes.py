@@ -42,6 +42,7 @@ import torch.nn.functional as F
 import timm
 import timm_lookwhere  # noqa: F401  (registers the LookWhere models)
 
+from report import save_results
 from speed import log, machine_info, peak_rss_growth_mb
 
 LOOKWHERE = 'lookwhere_vitb_518'
@@ -405,12 +406,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
         memory_child(args.memory_child)
         return {}
     results = run(args, argv)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / 'mixed_sizes.json').write_text(json.dumps(results, indent=1))
-    markdown = to_markdown(results)
-    (args.out / 'mixed_sizes.md').write_text(markdown)
-    plot(results, args.out / 'mixed_sizes.png')
-    print(markdown)
+    save_results(results, args.out, 'mixed_sizes', to_markdown, plot)
     return results
 
 

@@ -32,6 +32,7 @@ import torch
 import timm
 import timm_lookwhere  # noqa: F401  (registers the LookWhere models)
 
+from report import save_results
 from speed import add_device_arguments, autocast, log, machine_info, peak_growth_mb, spread, synchronize
 
 LOOKWHERE = 'lookwhere_vitb_518'
@@ -303,12 +304,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
         memory_child(args.memory_child)
         return {}
     results = run(args)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / 'native_resolution.json').write_text(json.dumps(results, indent=1))
-    markdown = to_markdown(results)
-    (args.out / 'native_resolution.md').write_text(markdown)
-    plot(results, args.out / 'native_resolution.png')
-    print(markdown)
+    save_results(results, args.out, 'native_resolution', to_markdown, plot)
     return results
 
 

@@ -1,7 +1,7 @@
-"""Markdown, JSON and PNG plots from the results of `speed.py`."""
+"""Markdown, JSON and PNG plots from the results of `speed.py`, and the files every benchmark writes."""
 import json
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 GROUP_TITLE = {'infer': 'inference', 'train': 'training step (forward + backward + AdamW)'}
 TIME_PLOT, SPEEDUP_PLOT, BREAKDOWN_PLOT = 'time_vs_resolution.png', 'speedup_vs_k.png', 'time_breakdown.png'
@@ -18,6 +18,18 @@ def write_report(results: Dict[str, object], out: Path, plots: bool = True) -> s
 
 # ------------------------------------------------------------------------------------------------
 # Markdown
+
+
+def save_results(results: Dict[str, object], out: Path, name: str, to_markdown: Callable[[Dict[str, object]], str],
+                 plot: Callable[[Dict[str, object], Path], None]) -> str:
+    """Write NAME.json, NAME.md and NAME.png into `out`; print and return the Markdown."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f'{name}.json').write_text(json.dumps(results, indent=1))
+    markdown = to_markdown(results)
+    (out / f'{name}.md').write_text(markdown)
+    plot(results, out / f'{name}.png')
+    print(markdown)
+    return markdown
 
 
 def fmt_spread(value: Optional[Dict[str, float]], scale: float = 1.0, digits: int = 2, suffix: str = '') -> str:
