@@ -4,10 +4,12 @@
     lookwhere demo --model lookwhere_vitt16_256.sparse_signs   # a 256 px scene: the sign is 1-2% of it
     lookwhere demo --image photo.jpg --model lookwhere_vitb_518    # the authors' weights (Hugging Face Hub)
     lookwhere show --model lookwhere_vitb_518 --checkpoint lookwhere_dinov2.pt --image photo.jpg
+    lookwhere demo --dense                           # a dense scene (1-6 signs), the shipped segmenter's mask, offline
 
 The figure shows, left, what the extractor sees (the chosen high-res patches, the rest dimmed) and,
 right, the selector's map (softmax over the patches) with the chosen patches outlined; where the sign of
-a generated scene would be too small to read, a third panel enlarges the patches around it.
+a generated scene would be too small to read, a third panel enlarges the patches around it. With --dense:
+the chosen patches, the predicted mask and the true mask of a generated dense scene, side by side.
 """
 import argparse
 import os
@@ -22,18 +24,26 @@ import timm
 from timm.data import ImageNetInfo, resolve_data_config
 from timm.utils import ParseKwargs
 
-from .scenes import AREA_RANGE, CLASS_NAMES, WIDE_AREA_RANGE, generate_scene, patches_under_box
+from .scenes import AREA_RANGE, CLASS_NAMES, SEGMENTATION_CLASSES, WIDE_AREA_RANGE, generate_dense_scene, \
+    generate_scene, patches_under_box
 from .lookwhere import LookWhere, SelectionRecorder
 from .teachers import TEACHER_BASE, create_teacher, dense_counterpart_kwargs
 from .cli import non_negative_int, positive_int
 from .cost import median_latency_ms
 
 __all__ = [
-    'SIGNS_MODEL', 'load_image', 'to_input', 'draw_selection', 'figure_size', 'add_subcommand',
+    'SIGNS_MODEL', 'DENSE_MODEL', 'load_image', 'to_input', 'draw_selection', 'draw_segmentation', 'figure_size',
+    'add_subcommand',
 ]
 
 SIGNS_MODEL = 'lookwhere_vitt16_512'  # the high-res one: where looking at few patches pays
 SIGNS_TAG = 'sparse_signs'
+DENSE_MODEL = 'lookwhere_vitt16_512.dense_signs'  # the shipped segmenter (timm_lookwhere.recipes.dense_signs)
+# a colour per mask value: background none, then the 14 sign classes (distinct hues, none of them grey)
+CLASS_COLOURS = np.array([
+    (0, 0, 0), (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
+    (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128), (170, 110, 40),
+    (128, 0, 0), (0, 0, 128)], dtype=np.float32)
 # the shipped sign models and the scenes each was trained on (timm_lookwhere.recipes.sparse_signs --config 256 / 512)
 SIGN_SCENES = {'lookwhere_vitt16_256': AREA_RANGE, 'lookwhere_vitt16_512': WIDE_AREA_RANGE}
 
@@ -238,6 +248,66 @@ def draw_selection(
     return fig
 
 
+def draw_segmentation(
+        image: Image.Image,
+        prediction: np.ndarray,
+        truth: Optional[np.ndarray],
+        indices: torch.Tensor,
+        grid: Tuple[int, int],
+        lines: Sequence[str] = (),
+) -> Image.Image:
+    """Three panels and a caption: the chosen patches (others dimmed, outlined), the predicted mask and the
+    true mask (when given) over the image, each class in its colour, and a legend of the classes shown.
+
+    Args:
+        image: the RGB image as the model saw it.
+        prediction, truth: (H, W) class ids (0 background).
+        indices: (k,) chosen patch ids of the rows * cols grid.
+        grid: (rows, cols) of the high-res grid.
+        lines: caption lines (at most two fit).
+    """
+    rows, cols = grid
+    w, h = image.size
+    pixels = np.asarray(image, dtype=np.float32)  # (h, w, 3)
+    chosen = torch.zeros(rows * cols, dtype=torch.bool)
+    chosen[indices.long()] = True
+    ys, xs = np.arange(h) * rows // h, np.arange(w) * cols // w
+    seen = chosen.numpy().reshape(rows, cols)[ys][:, xs][..., None].astype(np.float32)  # (h, w, 1)
+    panels = [Image.fromarray((pixels * (0.25 + 0.75 * seen)).clip(0, 255).astype(np.uint8))]
+    for mask in (prediction, truth):
+        if mask is None:
+            continue
+        sign = (mask > 0)[..., None].astype(np.float32)  # (h, w, 1)
+        tinted = 0.5 * pixels * (1 - sign) + CLASS_COLOURS[mask] * sign  # the image faded, signs in colour
+        panels.append(Image.fromarray(tinted.clip(0, 255).astype(np.uint8)))
+    legend_height = 40
+    fig = Image.new('RGB', (len(panels) * (w + MARGIN) + MARGIN, h + HEADER + MARGIN + legend_height), 'white')
+    draw = ImageDraw.Draw(fig)
+    ph, pw = h / rows, w / cols
+    for i, panel in enumerate(panels):
+        fig.paste(panel, (MARGIN + i * (w + MARGIN), HEADER))
+    for index in indices.tolist():
+        r, c = divmod(index, cols)
+        draw.rectangle([MARGIN + c * pw, HEADER + r * ph, MARGIN + (c + 1) * pw - 1, HEADER + (r + 1) * ph - 1],
+                       outline=CHOSEN_COLOUR, width=1)
+    font, small = _font(15), _font(12)
+    titles = ['what the extractor sees (chosen patches outlined)', 'predicted mask', 'true mask']
+    for i, title in enumerate(titles[:len(panels)]):
+        draw.text((MARGIN + i * (w + MARGIN), HEADER - 16), title, fill=(90, 90, 90), font=small)
+    for i, line in enumerate(list(lines)[:2]):
+        draw.text((MARGIN, 6 + 22 * i), line, fill=(0, 0, 0), font=font)
+    shown = set(np.unique(prediction).tolist()) | (set(np.unique(truth).tolist()) if truth is not None else set())
+    shown = sorted(shown - {0})
+    x, y = MARGIN, HEADER + h + MARGIN + 4
+    for c in shown:
+        draw.rectangle([x, y, x + 12, y + 12], fill=tuple(int(v) for v in CLASS_COLOURS[c]))
+        draw.text((x + 16, y - 1), SEGMENTATION_CLASSES[c], fill=(0, 0, 0), font=small)
+        x += 28 + int(draw.textlength(SEGMENTATION_CLASSES[c], font=small))
+        if x > fig.width - 120:
+            x, y = MARGIN, y + 18
+    return fig
+
+
 # --------------------------------------------------------------------------------------------
 # commands
 
@@ -300,7 +370,54 @@ def _model_and_image(args: argparse.Namespace, command: str):
         return None
 
 
+def run_dense_demo(args: argparse.Namespace) -> int:
+    """The shipped segmenter on a generated dense scene: its mask beside the truth, the chosen patches."""
+    from .segmentation import confusion_matrix, create_segmenter, mean_iou
+    try:
+        _check_output(args.output)
+    except ValueError as err:
+        print(f'lookwhere demo: {err}')
+        return 1
+    torch.set_num_threads(args.threads)
+    model = create_segmenter(DENSE_MODEL, pretrained=True, **dict(args.model_kwargs or {})).eval()
+    if args.k is not None or args.k_ratio is not None:
+        model.set_k(k=args.k, k_ratio=args.k_ratio)
+    size = model.backbone.patch_embed.img_size[0]
+    scene = generate_dense_scene(args.seed, 'test', args.index, img_size=size)
+    x = to_input(model, scene.image)
+    with torch.no_grad(), SelectionRecorder(model.backbone) as rec:
+        prediction = model(x).argmax(1)[0]  # (H, W)
+    indices = rec.records[-1]['indices'][0]
+    truth = torch.from_numpy(scene.mask)
+    sign_classes = list(range(1, len(SEGMENTATION_CLASSES)))
+    miou = mean_iou(confusion_matrix(prediction, truth, len(SEGMENTATION_CLASSES)), sign_classes)
+    times = median_latency_ms(dict(segmenter=model), x, args.runs)
+    backbone = model.backbone
+    names = ', '.join(SEGMENTATION_CLASSES[label + 1] for label in scene.labels)
+    patch = backbone.patch_embed.patch_size[0]
+    rows, cols = backbone.grid_size
+    holding = torch.from_numpy(scene.mask).view(rows, patch, cols, patch).amax(dim=(1, 3)).flatten() > 0  # (N,)
+    under = set(torch.nonzero(holding).flatten().tolist())
+    looked = (f'{model.k} of {backbone.num_patches} patches ({100 * model.k / backbone.num_patches:.0f}%), '
+              f'{len(under & set(indices.tolist()))} of the {len(under)} patches holding a sign')
+    print(f'model       {DENSE_MODEL} ({model.pretrained_cfg.get("architecture", "")} backbone, shipped segmenter)')
+    print(f'image       generated dense test scene {args.index} (seed {args.seed}): {len(scene.labels)} signs '
+          f'({names})')
+    print(f'mIoU        {100 * miou:.1f} (the sign classes of this scene)')
+    print(f'looked at   {looked}')
+    print(f"time        {times['segmenter']:.1f} ms (median of {args.runs}, batch 1, "
+          f'{torch.get_num_threads()} threads)')
+    lines = [f'{DENSE_MODEL}: {len(scene.labels)} signs, mIoU {100 * miou:.1f} on this scene',
+             f"looked at {looked}; {times['segmenter']:.1f} ms"]
+    _save(draw_segmentation(scene.image, prediction.numpy(), scene.mask, indices, backbone.grid_size, lines),
+          args.output)
+    print(f'wrote       {args.output}')
+    return 0
+
+
 def run_demo(args: argparse.Namespace) -> int:
+    if args.dense:
+        return run_dense_demo(args)
     loaded = _model_and_image(args, 'demo')
     if loaded is None:
         return 1
@@ -411,6 +528,9 @@ def add_subcommand(subparsers: argparse._SubParsersAction) -> None:
                       help='timed forwards of each model (default: %(default)s)')
     demo.add_argument('--threads', type=positive_int, default=torch.get_num_threads(),
                       help='torch threads (default: %(default)s)')
+    demo.add_argument('--dense', action='store_true',
+                      help=f'a dense scene (1-6 signs) and the shipped segmenter {DENSE_MODEL}: its mask beside the '
+                           'truth (--model and --image do not apply)')
     demo.set_defaults(func=run_demo)
 
     show = subparsers.add_parser(

@@ -16,6 +16,12 @@ so train, val and test never share a scene.
     scene = ds.scene(0)                               # .image, .label, .box, .area_fraction
     tensors = SceneTensors(ds)                        # (uint8 (3, H, W), label, box): batches with the sign's box
     write_image_folder('data', 'train', 8000)         # data/train/<class>/<index>.png for timm tools
+
+Dense scenes (`generate_dense_scene`, `DenseSigns`) hold 1 to 6 signs of mixed classes, each sized as in
+the wide scenes, among the same clutter, with a per-pixel mask (0 background, 1 + the class of each sign):
+
+    dense = generate_dense_scene(0, 'train', 3)      # .image, .mask (H, W) uint8, .labels, .boxes
+    write_segmentation_folder('seg', 'train', 2000)  # seg/images/train/N.png, seg/annotations/train/N.png
 """
 import math
 import os
@@ -33,7 +39,8 @@ __all__ = [
     'SIGN_CLASSES', 'CLASS_NAMES', 'SPLITS', 'AREA_RANGE', 'WIDE_AREA_RANGE', 'SignClass', 'Scene', 'generate_scene',
     'render_sign',
     'scene_rng', 'scene_label', 'SparseSigns', 'SceneTensors', 'to_uint8_tensor', 'folder_names', 'write_image_folder',
-    'patches_under_box', 'sign_patches_seen',
+    'patches_under_box', 'sign_patches_seen', 'SEGMENTATION_CLASSES', 'NUM_SIGNS_RANGE', 'DenseScene',
+    'dense_scene_rng', 'generate_dense_scene', 'DenseSigns', 'DenseSceneTensors', 'write_segmentation_folder',
 ]
 
 SPLITS = ('train', 'val', 'test')
@@ -500,3 +507,193 @@ def sign_patches_seen(
         under = patches_under_box(box, grid_size, patch)
         seen.append(len(under & set(chosen)) / len(under))
     return torch.tensor(seen)
+
+
+# --------------------------------------------------------------------------------------------
+# dense scenes: several signs and a per-pixel mask
+
+
+SEGMENTATION_CLASSES: Tuple[str, ...] = ('background',) + CLASS_NAMES  # mask value i names SEGMENTATION_CLASSES[i]
+NUM_SIGNS_RANGE = (1, 6)  # signs per dense scene, drawn uniformly (both ends included)
+_DENSE_STREAM = 1  # appended to a dense scene's seed: its stream never repeats a sparse scene's
+_PLACEMENT_TRIES = 50  # random positions tried for a sign before it is left out (crowded scenes only)
+
+
+@dataclass
+class DenseScene:
+    image: Image.Image  # RGB, img_size x img_size
+    mask: np.ndarray  # (img_size, img_size) uint8: 0 background, 1 + label under each sign's silhouette
+    labels: Tuple[int, ...]  # each sign's class, in drawing order
+    boxes: Tuple[Tuple[int, int, int, int], ...]  # each sign's x0, y0, x1, y1 in pixels (x1, y1 exclusive)
+
+
+def dense_scene_rng(seed: int, split: str, index: int) -> np.random.Generator:
+    """The random stream of one dense scene: disjoint splits as `scene_rng`, and a stream of its own."""
+    scene_rng(seed, split, index)  # checks the arguments
+    return np.random.default_rng(np.random.SeedSequence([seed, SPLITS.index(split), index, _DENSE_STREAM]))
+
+
+def _overlaps(box: Tuple[int, int, int, int], others: Sequence[Tuple[int, int, int, int]], gap: int) -> bool:
+    x0, y0, x1, y1 = box
+    return any(x0 < ox1 + gap and ox0 < x1 + gap and y0 < oy1 + gap and oy0 < y1 + gap
+               for ox0, oy0, ox1, oy1 in others)
+
+
+def generate_dense_scene(
+        seed: int = 0,
+        split: str = 'train',
+        index: int = 0,
+        img_size: int = 512,
+        num_signs: Tuple[int, int] = NUM_SIGNS_RANGE,
+        area_range: Tuple[float, float] = WIDE_AREA_RANGE,
+) -> DenseScene:
+    """One dense scene, a pure function of its arguments: 1 to 6 signs (classes drawn independently) that
+    do not touch, the clutter of the sparse scenes (sign-like shapes included) and the mask of every sign.
+
+    Args:
+        seed, split, index: as `generate_scene` (a dense scene has its own stream, see `dense_scene_rng`).
+        img_size: side of the square image in pixels.
+        num_signs: (low, high) signs per scene, drawn uniformly, both included.
+        area_range: (low, high) fraction of the image each sign's silhouette covers (default: the wide scenes').
+    """
+    if not isinstance(img_size, int) or img_size < MIN_IMG_SIZE:
+        raise ValueError(f'img_size must be an int >= {MIN_IMG_SIZE}, got {img_size!r}')
+    _check_area_range(area_range)
+    low, high = num_signs
+    if not 1 <= low <= high:
+        raise ValueError(f'num_signs must be (low, high) with 1 <= low <= high, got {num_signs}')
+    rng = dense_scene_rng(seed, split, index)
+    count = int(rng.integers(low, high + 1))
+    classes = rng.integers(len(SIGN_CLASSES), size=count)
+    sizes = [_sign_size(SIGN_CLASSES[c], img_size, rng.uniform(*area_range)) for c in classes]
+
+    background = _background(rng, img_size)
+    im = Image.fromarray(background.clip(0, 255).astype(np.uint8))
+    _draw_clutter(im, rng, float(np.mean(sizes)))  # distractors at the signs' scale
+    if rng.random() < 0.3:  # a little defocus on the clutter only
+        im = im.filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 1.0)))
+
+    placed = []  # (label, RGBA sign, x0, y0, brightness)
+    taken: List[Tuple[int, int, int, int]] = []
+    for label, size in zip(classes.tolist(), sizes):
+        sign = render_sign(SIGN_CLASSES[label], size, rng)  # (side, side) RGBA
+        side = sign.width
+        for _ in range(_PLACEMENT_TRIES):  # signs do not touch: every pixel of the mask has one owner
+            x0, y0 = (int(v) for v in rng.integers(0, max(1, img_size - side + 1), 2))
+            if not _overlaps((x0, y0, x0 + side, y0 + side), taken, gap=2):
+                break
+        else:
+            continue
+        taken.append((x0, y0, x0 + side, y0 + side))
+        placed.append((label, sign, x0, y0, rng.uniform(0.75, 1.15)))
+    draw = ImageDraw.Draw(im)
+    for _, sign, x0, y0, _ in placed:  # poles first: one must not cross a sign drawn before it
+        if rng.random() < 0.6:
+            pole_x = x0 + sign.width / 2
+            draw.rectangle([pole_x - 1.5, y0 + sign.width / 2, pole_x + 1.5, img_size],
+                           fill=_jitter((130, 130, 130), rng))
+
+    mask = np.zeros((img_size, img_size), dtype=np.uint8)
+    labels, boxes = [], []
+    for label, sign, x0, y0, brightness in placed:
+        rgb = np.asarray(sign.convert('RGB'), dtype=np.float32) * brightness
+        alpha = sign.getchannel('A')
+        im.paste(Image.fromarray(rgb.clip(0, 255).astype(np.uint8)), (x0, y0), alpha)
+        silhouette = np.asarray(alpha) > 127  # (side, side), as the sparse scenes' box
+        mask[y0:y0 + sign.height, x0:x0 + sign.width][silhouette] = label + 1
+        ys, xs = np.nonzero(silhouette)
+        labels.append(label)
+        boxes.append((x0 + int(xs.min()), y0 + int(ys.min()), x0 + int(xs.max()) + 1, y0 + int(ys.max()) + 1))
+    img = _lighting(np.asarray(im, dtype=np.float32), rng)
+    return DenseScene(image=Image.fromarray(img.astype(np.uint8)), mask=mask, labels=tuple(labels),
+                      boxes=tuple(boxes))
+
+
+class DenseSigns(Dataset):
+    """`num_samples` dense scenes of one split, generated on the fly: (image, mask) pairs, both PIL
+    (the mask mode 'L', values 0..14). `transform(image, mask)`, when given, maps the pair together."""
+
+    def __init__(
+            self,
+            split: str = 'train',
+            num_samples: int = 1000,
+            img_size: int = 512,
+            seed: int = 0,
+            transform: Optional[Callable] = None,
+            num_signs: Tuple[int, int] = NUM_SIGNS_RANGE,
+            area_range: Tuple[float, float] = WIDE_AREA_RANGE,
+    ):
+        if split not in SPLITS:
+            raise ValueError(f'split must be one of {SPLITS}, got {split!r}')
+        if not isinstance(num_samples, int) or num_samples < 1:
+            raise ValueError(f'num_samples must be a positive int, got {num_samples!r}')
+        self.split, self.num_samples, self.img_size, self.seed = split, num_samples, img_size, seed
+        self.transform = transform
+        self.num_signs, self.area_range = tuple(num_signs), tuple(area_range)
+        self.classes = list(SEGMENTATION_CLASSES)
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def scene(self, index: int) -> DenseScene:
+        if not 0 <= index < self.num_samples:
+            raise IndexError(f'index {index} out of range for {self.num_samples} scenes')
+        return generate_dense_scene(self.seed, self.split, index, self.img_size, self.num_signs, self.area_range)
+
+    def __getitem__(self, index: int):
+        scene = self.scene(index)
+        image, mask = scene.image, Image.fromarray(scene.mask)
+        return self.transform(image, mask) if self.transform is not None else (image, mask)
+
+    def __repr__(self) -> str:
+        return (f'{type(self).__name__}(split={self.split}, num_samples={self.num_samples}, img_size={self.img_size}, '
+                f'seed={self.seed}, num_signs={self.num_signs}, area_range={self.area_range})')
+
+
+class DenseSceneTensors(Dataset):
+    """`dense`'s scenes as (uint8 (3, H, W) image, uint8 (H, W) mask) tensors."""
+
+    def __init__(self, dense: DenseSigns):
+        self.dense = dense
+
+    def __len__(self) -> int:
+        return len(self.dense)
+
+    def __getitem__(self, index: int):
+        scene = self.dense.scene(index)
+        return to_uint8_tensor(scene.image), torch.from_numpy(scene.mask)
+
+
+def write_segmentation_folder(
+        root: str,
+        split: str,
+        num_samples: int,
+        img_size: int = 512,
+        seed: int = 0,
+        progress: bool = True,
+) -> str:
+    """Write `root/images/<split>/<index>.png`, `root/annotations/<split>/<index>.png` (mode 'L', 0 background,
+    1 + the sign's class) and `root/classes.txt` (one name a line, in mask-value order): the layout of ADE20K
+    that segmentation tools read (mmsegmentation's ADE20KDataset with reduce_zero_label=False, HF datasets'
+    imagefolder). Existing files are kept, so an interrupted export resumes. Returns `root`."""
+    dense = DenseSigns(split, num_samples, img_size, seed)
+    folders = [os.path.join(root, kind, split) for kind in ('images', 'annotations')]
+    for folder in folders:
+        os.makedirs(folder, exist_ok=True)
+    with replacing(os.path.join(root, 'classes.txt')) as tmp, open(tmp, 'w') as f:
+        f.write('\n'.join(SEGMENTATION_CLASSES) + '\n')
+    indices: Sequence[int] = range(num_samples)
+    if progress:
+        from tqdm import tqdm
+        indices = tqdm(indices, desc=f'writing {split}', unit='img', mininterval=5)
+    for index in indices:
+        image_path, mask_path = (os.path.join(folder, f'{index:06d}.png') for folder in folders)
+        if os.path.exists(image_path) and os.path.exists(mask_path):
+            continue
+        scene = dense.scene(index)
+        # the mask last: an image with its mask is whole, and a half-written pair is redone
+        with replacing(image_path) as tmp:
+            scene.image.save(tmp, format='PNG', compress_level=1)
+        with replacing(mask_path) as tmp:
+            Image.fromarray(scene.mask).save(tmp, format='PNG')
+    return root

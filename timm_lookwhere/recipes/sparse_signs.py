@@ -662,9 +662,10 @@ def ship(args, cfg: RunConfig) -> None:
 # levers
 
 
-def apply_overrides(cfg: RunConfig, pairs: Sequence[str]) -> Tuple[RunConfig, Dict[str, Any]]:
-    """`key=value` pairs (python literals) -> the configuration with those fields replaced."""
-    fields = {f.name for f in dataclasses.fields(RunConfig)}
+def apply_overrides(cfg: Any, pairs: Sequence[str]) -> Tuple[Any, Dict[str, Any]]:
+    """`key=value` pairs (python literals) -> the configuration (any recipe's dataclass) with those fields
+    replaced."""
+    fields = {f.name for f in dataclasses.fields(cfg)}
     overrides = {}
     for pair in pairs:
         key, sep, value = pair.partition('=')

@@ -1,0 +1,603 @@
+""" The dense-signs recipe: trains and ships a LookWhere segmenter, its full-res teacher and the low-res baseline.
+
+Dense recognition, the paper's second claim (ADE20K), on `timm_lookwhere.scenes`'s dense scenes: 512 px
+street scenes with 1 to 6 signs (14 classes, each 0.25-0.5% of the image) among sign-like clutter, a
+mask per pixel (background + 14 classes). The segmenter is `timm_lookwhere.segmentation`'s: LookWhere's
+filled patch grid, a linear head per cell, logits upsampled to the pixels.
+
+Stages:
+
+    data       training and validation scenes with their masks, as memory-mapped uint8 caches
+    teacher    a full-res ViT segmenter (every patch, the same head), starting from the shipped 512 px
+               sign teacher, whose patch tokens already name the sign under them (it was patch-supervised);
+               first on windows of `teacher_window` patches around a sign at their true positions (a
+               quarter of the tokens, a 16th of the attention), then on whole scenes
+    lookwhere  starts from the shipped `lookwhere_vitt16_512.sparse_signs`: its selector was distilled to
+               find signs in these very scenes (33 min of this CPU) and its extractor from the teacher the
+               stage above starts from, so the teacher's head fits its tokens and starts the head here;
+               then fine-tuned for segmentation, the selector frozen, k drawn per step from `k_range`.
+               `distill_steps` > 0 first matches its filled grid to the trained teacher's (MSE)
+    lowres     the baseline at equal cost: the teacher on a low-res copy of the image, at the resolution
+               whose FLOPs match LookWhere's at k = `lowres_match_k`, fine-tuned the same way
+    export     fp16 safetensors of the three (`--ship` copies the LookWhere segmenter into the package)
+
+The loss is pixel cross-entropy at every `loss_stride`-th pixel (the logits come from a 32x32 grid: a
+quarter of the pixels in each direction loses nothing they hold, at a 16th of the memory), background
+weighted by `background_weight` (signs are ~1% of the pixels).
+
+Every stage keeps its output in --output and is skipped when it is there; the training stages save their
+state every few minutes, so a stopped run goes on where it stopped. Progress (with time left) goes to the
+console and OUTPUT/run.log, each stage's wall time to OUTPUT/timings.json. The evaluation on fresh test
+scenes is a benchmark of the source tree: `python benchmarks/dense_signs.py --output DIR`.
+
+    python -m timm_lookwhere.recipes.dense_signs --output runs/dense_signs --ship   # about 40 min on 2 cores
+    python -m timm_lookwhere.recipes.dense_signs --output /tmp/ds_tiny --tiny       # every stage, a tiny model
+"""
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import time
+from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from torch.utils.data import DataLoader
+
+import timm
+from timm.layers import resample_abs_pos_embed
+from timm.optim import create_optimizer_v2
+
+from ..distillation import warmup_cosine_scheduler
+from ..files import replacing, writer_lock
+from ..scenes import NUM_SIGNS_RANGE, SEGMENTATION_CLASSES, WIDE_AREA_RANGE, DenseSceneTensors, DenseSigns
+from ..segmentation import (
+    SHIPPED_SEGMENTERS, LookWhereSegmenter, confusion_matrix, create_segmenter, mean_iou, segmentation_loss,
+)
+from ..teachers import TEACHER_BASE, create_teacher, dense_counterpart_kwargs
+from .sparse_signs import (
+    Progress, apply_overrides, gflops, normalize, read_timings, run_stage, save, start_run, window_features,
+    write_json,
+)
+
+__all__ = ['RunConfig', 'CONFIGS', 'STAGES', 'K_RATIOS', 'ViTSegmenter', 'main']
+
+_logger = logging.getLogger('dense_signs')
+
+TAG = 'dense_signs'
+RECIPE = 'python -m timm_lookwhere.recipes.dense_signs'
+K_RATIOS = (0.02, 0.05, 0.10, 0.20)
+STAGES = ('data', 'teacher', 'lookwhere', 'lowres', 'export')  # the evaluation is a benchmark's
+NUM_CLASSES = len(SEGMENTATION_CLASSES)
+SIGN_CLASSES = tuple(range(1, NUM_CLASSES))  # mask values of the signs (0 is background)
+SAVE_EVERY_S = 180  # a training stage saves its state this often
+
+
+@dataclasses.dataclass
+class RunConfig:
+    """Sizes and settings of every stage; `--set key=value` changes one for a lever."""
+    model: str  # the LookWhere architecture; the segmenter ships as `{model}.dense_signs`
+    init_tag: str  # the shipped sign models LookWhere and the teacher start from ('' = random init)
+    model_kwargs: Dict[str, Any]  # overrides of the registered architecture (tiny runs)
+    img_size: int  # scene side in px
+    train_scenes: int  # cached training scenes, shared by every training stage
+    val_scenes: int
+    test_scenes: int  # for the benchmark, from `test_seed`
+    teacher_window_steps: int  # first phase: windows around a sign, at their true positions (a fraction of the cost)
+    teacher_window_batch: int
+    teacher_steps: int  # then whole scenes
+    teacher_batch: int
+    teacher_lr: float
+    lookwhere_steps: int
+    lookwhere_batch: int
+    lookwhere_lr: float
+    lowres_steps: int
+    lowres_batch: int
+    lowres_lr: float
+    latency_runs: int
+    latency_batch: int = 64  # the large batch of the timing (the small one is 1)
+    k_range: Tuple[float, float] = (K_RATIOS[0], K_RATIOS[-1])  # LookWhere's k per training step, share of patches
+    distill_steps: int = 0  # LookWhere's filled grid matched to the teacher's before fine-tuning (0: none)
+    lowres_match_k: float = 0.10  # the low-res ViT costs what LookWhere costs at this k
+    loss_stride: int = 4  # the loss reads every loss_stride-th pixel in each direction
+    teacher_window: int = 16  # side of the teacher's first-phase windows in patches (a 16th of the attention)
+    background_weight: float = 0.5  # cross-entropy weight of background pixels (the signs' is 1)
+    head_lr_scale: float = 20.  # the segmentation head's lr, relative to the stage's (see `fit`)
+    num_signs: Tuple[int, int] = NUM_SIGNS_RANGE
+    test_seed: int = 2026  # seed of the test scenes; training and validation use seed 0
+
+    @property
+    def tag(self) -> str:
+        return f'{self.model}.{TAG}'
+
+
+TINY_MODEL = dict(embed_dim=32, depth=2, num_heads=2)
+CONFIGS: Dict[str, RunConfig] = dict(
+    full=RunConfig(
+        model='lookwhere_vitt16_512', init_tag='sparse_signs', model_kwargs={}, img_size=512,
+        train_scenes=3000, val_scenes=100, test_scenes=300,
+        teacher_window_steps=160, teacher_window_batch=32, teacher_steps=40, teacher_batch=16, teacher_lr=5e-4,
+        lookwhere_steps=600, lookwhere_batch=32, lookwhere_lr=5e-4,
+        lowres_steps=100, lowres_batch=32, lowres_lr=5e-4, latency_runs=20, background_weight=0.3,
+    ),
+    tiny=RunConfig(
+        model='lookwhere_vitt16_512', init_tag='', model_kwargs=TINY_MODEL, img_size=512,
+        train_scenes=12, val_scenes=4, test_scenes=8,
+        teacher_window_steps=2, teacher_window_batch=2, teacher_steps=2, teacher_batch=2, teacher_lr=1e-3,
+        lookwhere_steps=2, lookwhere_batch=2, lookwhere_lr=1e-3,
+        lowres_steps=2, lowres_batch=2, lowres_lr=1e-3, latency_runs=2, latency_batch=4, distill_steps=2,
+    ),
+)
+
+
+# --------------------------------------------------------------------------------------------
+# data
+
+
+def load_split(out: str, cfg: RunConfig, split: str, num: int, workers: int, seed: int = 0) -> Dict[str, torch.Tensor]:
+    """A split as uint8 images (N, 3, H, W) and masks (N, H, W), memory-mapped from OUTPUT/cache (3000 scenes
+    of 512 px are 3.1 GB: batches read only what they draw)."""
+    name = f'dense_{split}_s{seed}_{num}_{cfg.img_size}px_signs{cfg.num_signs[0]}-{cfg.num_signs[1]}'
+    folder = os.path.join(out, 'cache')
+    images_path, masks_path = (os.path.join(folder, f'{name}.{kind}.u8') for kind in ('images', 'masks'))
+    done_path = os.path.join(folder, name + '.done')
+    shapes = dict(images=(num, 3, cfg.img_size, cfg.img_size), masks=(num, cfg.img_size, cfg.img_size))
+    if not os.path.exists(done_path):
+        os.makedirs(folder, exist_ok=True)
+        _logger.info(f'generating {num} dense {split} scenes of {cfg.img_size} px')
+        dense = DenseSigns(split, num, cfg.img_size, seed=seed, num_signs=cfg.num_signs, area_range=WIDE_AREA_RANGE)
+        loader = DataLoader(DenseSceneTensors(dense), batch_size=32, num_workers=workers)
+        progress = Progress(f'data ({split})', math.ceil(num / 32))
+        with writer_lock(folder), replacing(images_path) as tmp_images, replacing(masks_path) as tmp_masks:
+            images = np.memmap(tmp_images, dtype=np.uint8, mode='w+', shape=shapes['images'])
+            masks = np.memmap(tmp_masks, dtype=np.uint8, mode='w+', shape=shapes['masks'])
+            start = 0
+            for step, (image, mask) in enumerate(loader, start=1):
+                images[start:start + len(image)], masks[start:start + len(mask)] = image.numpy(), mask.numpy()
+                start += len(image)
+                progress.update(step)
+            images.flush()
+            masks.flush()
+            del images, masks
+        open(done_path, 'w').close()  # last: a split with its done file is whole
+    # copy-on-write: torch wants a writable array; nothing writes to it, and the files never change
+    return {kind: torch.from_numpy(np.memmap(path, dtype=np.uint8, mode='c', shape=shapes[kind]))
+            for kind, path in (('images', images_path), ('masks', masks_path))}
+
+
+def cached_batches(data: Dict[str, torch.Tensor], batch_size: int, stride: int,
+                   generator: torch.Generator) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+    """Endless (normalised images (B, 3, H, W), masks (B, H / stride, W / stride)) drawn at random with
+    `generator`; the mask keeps the pixel at the centre of each stride x stride block."""
+    while True:
+        index = torch.randint(len(data['masks']), (batch_size,), generator=generator).sort().values  # file order
+        yield normalize(data['images'][index]), data['masks'][index][:, stride // 2::stride, stride // 2::stride]
+
+
+def window_batches(data: Dict[str, torch.Tensor], batch_size: int, stride: int, window: int, patch: int,
+                   generator: torch.Generator) -> Iterator[Tuple[torch.Tensor, ...]]:
+    """Endless (normalised windows (B, 3, w*p, w*p), strided masks, rows (B,), cols (B,)): a window of `window`
+    patches around a random sign pixel of each drawn scene, placed at random, with its top-left patch."""
+    grid = data['masks'].shape[-1] // patch
+    side = window * patch
+    while True:
+        index = torch.randint(len(data['masks']), (batch_size,), generator=generator).sort().values
+        crops, masks, rows, cols = [], [], [], []
+        for i in index.tolist():
+            mask = data['masks'][i]
+            ys, xs = torch.nonzero(mask, as_tuple=True)
+            pick = int(torch.randint(len(ys), (1,), generator=generator)) if len(ys) else None
+            centre = (int(ys[pick]) // patch, int(xs[pick]) // patch) if pick is not None else (grid // 2, grid // 2)
+            r, c = (min(max(0, v - int(torch.randint(window, (1,), generator=generator))), grid - window)
+                    for v in centre)
+            crops.append(data['images'][i, :, r * patch:r * patch + side, c * patch:c * patch + side])
+            masks.append(mask[r * patch:r * patch + side, c * patch:c * patch + side])
+            rows.append(r)
+            cols.append(c)
+        masks = torch.stack(masks)[:, stride // 2::stride, stride // 2::stride]
+        yield normalize(torch.stack(crops)), masks, torch.tensor(rows), torch.tensor(cols)
+
+
+def sign_patches(masks: torch.Tensor, patch: int) -> torch.Tensor:
+    """(N, H, W) masks -> (N, rows * cols) bool: the patches that hold any sign pixel."""
+    n, h, w = masks.shape
+    cells = masks.view(n, h // patch, patch, w // patch, patch).amax(dim=(2, 4))  # (N, rows, cols)
+    return (cells > 0).flatten(1)
+
+
+# --------------------------------------------------------------------------------------------
+# models
+
+
+class ViTSegmenter(nn.Module):
+    """A full-res timm ViT with LookWhere's segmentation head: a linear layer on every patch token, logits
+    upsampled to the pixels. With `img_size`, it sees a low-res copy of that side instead (the baseline at
+    equal cost), its grid's logits upsampled to the full image."""
+
+    def __init__(self, vit: nn.Module, num_classes: int, img_size: Optional[int] = None):
+        super().__init__()
+        vit.reset_classifier(0)
+        self.vit = vit
+        self.img_size = img_size
+        self.head = nn.Conv2d(vit.embed_dim, num_classes, kernel_size=1)
+        nn.init.trunc_normal_(self.head.weight, std=0.02)
+        nn.init.zeros_(self.head.bias)
+
+    def forward_window(self, crops: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        """Cell logits of windows of the full image at their true positions (see sparse_signs.window_features):
+        (B, 3, w*p, w*p), top-left patches (B,), (B,) -> (B, C, w, w)."""
+        tokens = window_features(self.vit, crops, rows, cols)[:, self.vit.num_prefix_tokens:]  # (B, w*w, D)
+        side = crops.shape[-1] // self.vit.patch_embed.patch_size[0]
+        return self.head(tokens.transpose(1, 2).reshape(len(crops), -1, side, side))
+
+    def forward_cells(self, x: torch.Tensor) -> torch.Tensor:
+        if self.img_size is not None:
+            x = F.interpolate(x, size=(self.img_size, self.img_size), mode='bilinear', antialias=True,
+                              align_corners=False)
+        tokens = self.vit.forward_features(x)[:, self.vit.num_prefix_tokens:]  # (B, N, D)
+        rows, cols = self.vit.patch_embed.dynamic_feat_size(x.shape[-2:])
+        grid = tokens.transpose(1, 2).reshape(len(x), -1, rows, cols)  # (B, D, rows, cols)
+        return self.head(grid)  # (B, C, rows, cols)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, C, H, W) logits."""
+        return F.interpolate(self.forward_cells(x), size=x.shape[-2:], mode='bilinear', align_corners=False)
+
+
+def lookwhere_kwargs(cfg: RunConfig) -> Dict[str, Any]:
+    return dict(cfg.model_kwargs)
+
+
+def teacher_vit(cfg: RunConfig, img_size: Optional[int] = None) -> nn.Module:
+    """The full-res ViT: the shipped sign teacher of `cfg.init_tag` (its position embeddings resized to
+    `img_size`), or the LookWhere extractor's architecture at random."""
+    if cfg.init_tag:
+        return create_teacher(f'{cfg.model}.{cfg.init_tag}', **({'img_size': img_size} if img_size else {}))
+    kwargs = dense_counterpart_kwargs(timm.create_model(cfg.model, num_classes=0, **cfg.model_kwargs))
+    kwargs['img_size'] = img_size or kwargs['img_size']
+    return timm.create_model(TEACHER_BASE, **dict(kwargs, init_values=1.0))
+
+
+def load_teacher(out: str, cfg: RunConfig) -> ViTSegmenter:
+    model = ViTSegmenter(teacher_vit(cfg), NUM_CLASSES)
+    model.load_state_dict(torch.load(os.path.join(out, 'teacher', 'model.pth'), weights_only=True))
+    return model.eval()
+
+
+def load_lowres(out: str, cfg: RunConfig) -> ViTSegmenter:
+    saved = torch.load(os.path.join(out, 'lowres', 'model.pth'), weights_only=True)
+    model = ViTSegmenter(teacher_vit(cfg, saved['img_size']), NUM_CLASSES, saved['img_size'])
+    model.load_state_dict(saved['state_dict'])
+    return model.eval()
+
+
+def initial_lookwhere(cfg: RunConfig) -> LookWhereSegmenter:
+    name = f'{cfg.model}.{cfg.init_tag}' if cfg.init_tag else cfg.model
+    return create_segmenter(name, pretrained=bool(cfg.init_tag), num_classes=NUM_CLASSES, **lookwhere_kwargs(cfg))
+
+
+def load_lookwhere(path: str, cfg: RunConfig, **kwargs) -> LookWhereSegmenter:
+    """A LookWhere segmenter of this run from a state dict file (.pth or .safetensors)."""
+    model = create_segmenter(cfg.model, num_classes=NUM_CLASSES, **dict(lookwhere_kwargs(cfg), **kwargs))
+    if path.endswith('.safetensors'):
+        from safetensors.torch import load_file
+        state = load_file(path)
+    else:
+        state = torch.load(path, weights_only=True)
+    model.load_state_dict(state)
+    return model.eval()
+
+
+# --------------------------------------------------------------------------------------------
+# training and validation
+
+
+def fit(
+        stage: str,
+        model: nn.Module,
+        batches: Iterator[tuple],
+        steps: int,
+        lr: float,
+        loss_fn: Callable[[nn.Module, tuple], torch.Tensor],
+        state_path: str,
+        generators: Sequence[torch.Generator] = (),
+        before_step: Optional[Callable[[int], None]] = None,
+        weight_decay: float = 0.05,
+        head_lr_scale: float = 1.,
+) -> None:
+    """AdamW with warm-up then cosine (timm's optimizer and the project's scheduler) on `loss_fn(model, batch)`;
+    the new linear head (`model.head`) at `head_lr_scale` times the lr: Adam moves a weight by about the lr per
+    step, so a head from its init needs a larger one than a pretrained backbone can take.
+
+    Every SAVE_EVERY_S seconds and at the end the weights, the optimiser and the random `generators` that
+    draw the batches go to `state_path`, from which a stopped run continues onto the same batches.
+    """
+    head = {id(p) for p in model.head.parameters()}
+    groups = [dict(params=[p for p in model.parameters() if p.requires_grad and id(p) not in head]),
+              dict(params=list(model.head.parameters()), lr=lr * head_lr_scale)]
+    optimizer = create_optimizer_v2(groups, 'adamw', lr=lr, weight_decay=weight_decay)
+    warmup = max(1, steps // 10)
+    scheduler = warmup_cosine_scheduler(optimizer, steps, warmup, warmup_lr=lr / 100, min_lr=lr / 100)
+    done = 0
+    if os.path.exists(state_path):
+        state = torch.load(state_path, weights_only=True)
+        model.load_state_dict(state['model'])
+        optimizer.load_state_dict(state['optimizer'])
+        for generator, rng in zip(generators, state['generators']):
+            generator.set_state(rng)
+        done = state['step']
+        _logger.info(f'{stage}: continuing after step {done} of {steps} ({state_path})')
+
+    def save_state(step: int) -> None:
+        save(dict(model=model.state_dict(), optimizer=optimizer.state_dict(), step=step,
+                  generators=[g.get_state() for g in generators]), state_path)
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    progress = Progress(stage, steps, first=done + 1)
+    loss_avg, last_save = None, time.perf_counter()
+    model.train()
+    for step in range(done + 1, steps + 1):
+        batch = next(batches)
+        scheduler.step_update(step - 1)
+        if before_step is not None:
+            before_step(step)
+        loss = loss_fn(model, batch)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        loss_avg = loss.item() if loss_avg is None else 0.9 * loss_avg + 0.1 * loss.item()
+        progress.update(step, loss=loss_avg, lr=optimizer.param_groups[0]['lr'])
+        if step == steps or time.perf_counter() - last_save > SAVE_EVERY_S:
+            save_state(step)
+            last_save = time.perf_counter()
+    model.eval()
+
+
+def class_weight(cfg: RunConfig) -> torch.Tensor:
+    weight = torch.ones(NUM_CLASSES)
+    weight[0] = cfg.background_weight
+    return weight
+
+
+def cell_loss(cfg: RunConfig) -> Callable[[nn.Module, tuple], torch.Tensor]:
+    """Pixel cross-entropy of a segmenter's cell logits against a batch's strided masks."""
+    weight = class_weight(cfg)
+    return lambda model, batch: segmentation_loss(model.forward_cells(batch[0]), batch[1], class_weight=weight)
+
+
+@torch.no_grad()
+def confusions(model: nn.Module, data: Dict[str, torch.Tensor], batch_size: int = 16) -> torch.Tensor:
+    """(N, C, C) confusion matrix of each scene at full resolution."""
+    model.eval()
+    out = []
+    for i in range(0, len(data['masks']), batch_size):
+        prediction = model(normalize(data['images'][i:i + batch_size])).argmax(1)  # (B, H, W)
+        masks = data['masks'][i:i + batch_size]
+        out.extend(confusion_matrix(p, m, NUM_CLASSES) for p, m in zip(prediction, masks))
+    return torch.stack(out)
+
+
+def sign_miou(model: nn.Module, data: Dict[str, torch.Tensor]) -> float:
+    """Mean IoU of the sign classes over a split's pixels."""
+    return mean_iou(confusions(model, data).sum(0), SIGN_CLASSES)
+
+
+# --------------------------------------------------------------------------------------------
+# stages
+
+
+def stage_data(args, cfg: RunConfig) -> None:
+    load_split(args.output, cfg, 'train', cfg.train_scenes, args.workers)
+    load_split(args.output, cfg, 'val', cfg.val_scenes, args.workers)
+
+
+def stage_teacher(args, cfg: RunConfig) -> None:
+    torch.manual_seed(0)
+    folder = os.path.join(args.output, 'teacher')
+    os.makedirs(folder, exist_ok=True)
+    model = ViTSegmenter(teacher_vit(cfg), NUM_CLASSES)
+    train = load_split(args.output, cfg, 'train', cfg.train_scenes, args.workers)
+    weight = class_weight(cfg)
+    generator = torch.Generator().manual_seed(5)
+    windows = window_batches(train, cfg.teacher_window_batch, cfg.loss_stride, cfg.teacher_window,
+                             model.vit.patch_embed.patch_size[0], generator)
+    fit(f'teacher ({cfg.teacher_window}x{cfg.teacher_window}-patch windows)', model, windows,
+        cfg.teacher_window_steps, cfg.teacher_lr,
+        lambda m, b: segmentation_loss(m.forward_window(b[0], b[2], b[3]), b[1], class_weight=weight),
+        os.path.join(folder, 'windows.state.pth'), generators=(generator,), head_lr_scale=cfg.head_lr_scale)
+    generator = torch.Generator().manual_seed(1)
+    fit('teacher (scenes)', model, cached_batches(train, cfg.teacher_batch, cfg.loss_stride, generator),
+        cfg.teacher_steps, cfg.teacher_lr, cell_loss(cfg), os.path.join(folder, 'state.pth'), generators=(generator,),
+        head_lr_scale=cfg.head_lr_scale)
+    val = load_split(args.output, cfg, 'val', cfg.val_scenes, args.workers)
+    miou = sign_miou(model, val)
+    _logger.info(f'teacher: val mIoU of the sign classes {100 * miou:.1f}')
+    write_json(os.path.join(folder, 'val.json'), dict(val_sign_miou=miou))
+    save(model.state_dict(), os.path.join(folder, 'model.pth'))
+
+
+def stage_lookwhere(args, cfg: RunConfig) -> None:
+    torch.manual_seed(0)
+    folder = os.path.join(args.output, 'lookwhere')
+    os.makedirs(folder, exist_ok=True)
+    model = initial_lookwhere(cfg)
+    teacher = load_teacher(args.output, cfg)
+    model.head.load_state_dict(teacher.head.state_dict())  # the extractor was distilled to speak the teacher's tokens
+    train = load_split(args.output, cfg, 'train', cfg.train_scenes, args.workers)
+    k_lo, k_hi = (max(1, int(r * model.backbone.num_patches)) for r in cfg.k_range)
+    k_generator = torch.Generator().manual_seed(0)
+
+    def draw_k(step: int) -> None:  # one model for every k of the table
+        model.set_k(k=int(torch.randint(k_lo, k_hi + 1, (1,), generator=k_generator)))
+
+    if cfg.distill_steps:
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+
+        def match_teacher(model, batch):  # the filled grid against the teacher's patch tokens, before the head
+            with torch.no_grad():
+                target = teacher.vit.forward_features(batch[0])[:, teacher.vit.num_prefix_tokens:]  # (B, N, D)
+            return F.mse_loss(model.backbone.forward_dense(batch[0]).flatten(2).transpose(1, 2), target)
+
+        generator = torch.Generator().manual_seed(4)
+        fit('lookwhere (distil from the teacher)', model, cached_batches(train, cfg.lookwhere_batch, cfg.loss_stride,
+            generator), cfg.distill_steps, cfg.lookwhere_lr, match_teacher, os.path.join(folder, 'distill.state.pth'),
+            generators=(generator, k_generator), before_step=draw_k)
+    generator = torch.Generator().manual_seed(2)
+    fit('lookwhere', model, cached_batches(train, cfg.lookwhere_batch, cfg.loss_stride, generator),
+        cfg.lookwhere_steps, cfg.lookwhere_lr, cell_loss(cfg), os.path.join(folder, 'state.pth'),
+        generators=(generator, k_generator), before_step=draw_k, head_lr_scale=cfg.head_lr_scale)
+    val = load_split(args.output, cfg, 'val', cfg.val_scenes, args.workers)
+    val_miou = {}
+    for ratio in K_RATIOS:
+        model.set_k(k_ratio=ratio)
+        val_miou[f'k={ratio:.0%}'] = sign_miou(model, val)
+    _logger.info('LookWhere, val mIoU of the sign classes: '
+                 + ', '.join(f'{k} {100 * v:.1f}' for k, v in val_miou.items()))
+    write_json(os.path.join(folder, 'val.json'), dict(val_sign_miou=val_miou))
+    model.set_k(k_ratio=0.1)
+    save(model.state_dict(), os.path.join(folder, 'model.pth'))
+
+
+def lowres_size(cfg: RunConfig) -> int:
+    """The low-res side (a multiple of the patch) whose ViT segmenter costs about what LookWhere costs at
+    k = `lowres_match_k` (both on a full-size image, the pixel logits included)."""
+    lookwhere = create_segmenter(cfg.model, num_classes=NUM_CLASSES, k_ratio=cfg.lowres_match_k,
+                                 **lookwhere_kwargs(cfg))
+    target = gflops(lookwhere, cfg.img_size)
+    patch = lookwhere.patch_size
+    sizes = list(range(2 * patch, cfg.img_size // 2 + 1, patch))
+    costs = [gflops(ViTSegmenter(teacher_vit(cfg, s), NUM_CLASSES, s), cfg.img_size) for s in sizes]
+    best = min(range(len(sizes)), key=lambda i: abs(math.log(costs[i] / target)))
+    _logger.info(f'low-res ViT: {sizes[best]} px costs {costs[best]:.4f} GFLOPs, LookWhere at '
+                 f'{cfg.lowres_match_k:.0%} {target:.4f}')
+    return sizes[best]
+
+
+def stage_lowres(args, cfg: RunConfig) -> None:
+    torch.manual_seed(0)
+    folder = os.path.join(args.output, 'lowres')
+    os.makedirs(folder, exist_ok=True)
+    size = lowres_size(cfg)
+    model = ViTSegmenter(teacher_vit(cfg, size), NUM_CLASSES, size)
+    teacher = load_teacher(args.output, cfg).state_dict()  # the trained teacher, its grid resized to the copy's
+    teacher['vit.pos_embed'] = resample_abs_pos_embed(
+        teacher['vit.pos_embed'], new_size=model.vit.patch_embed.grid_size, num_prefix_tokens=0, antialias=False)
+    model.load_state_dict(teacher)
+    train = load_split(args.output, cfg, 'train', cfg.train_scenes, args.workers)
+    generator = torch.Generator().manual_seed(3)
+    fit('lowres', model, cached_batches(train, cfg.lowres_batch, cfg.loss_stride, generator), cfg.lowres_steps,
+        cfg.lowres_lr, cell_loss(cfg), os.path.join(folder, 'state.pth'), generators=(generator,),
+        head_lr_scale=cfg.head_lr_scale)
+    val = load_split(args.output, cfg, 'val', cfg.val_scenes, args.workers)
+    miou = sign_miou(model, val)
+    _logger.info(f'low-res ViT ({size} px): val mIoU of the sign classes {100 * miou:.1f}')
+    write_json(os.path.join(folder, 'val.json'), dict(val_sign_miou=miou, img_size=size))
+    save(dict(img_size=size, state_dict=model.state_dict()), os.path.join(folder, 'model.pth'))
+
+
+def export_path(out: str, cfg: RunConfig) -> str:
+    return os.path.join(out, 'export', os.path.basename(SHIPPED_SEGMENTERS[f'{cfg.model}.{TAG}'][2]))
+
+
+def stage_export(args, cfg: RunConfig) -> None:
+    os.makedirs(os.path.join(args.output, 'export'), exist_ok=True)
+    state = torch.load(os.path.join(args.output, 'lookwhere', 'model.pth'), map_location='cpu', weights_only=True)
+    # fp16 halves the file; the benchmark measures these rounded weights
+    state = {k: v.half().contiguous() if v.is_floating_point() else v.contiguous() for k, v in state.items()}
+    path = export_path(args.output, cfg)
+    with replacing(path) as tmp:
+        save_file(state, tmp, metadata=dict(source=RECIPE, config=cfg.tag, classes=','.join(SEGMENTATION_CLASSES)))
+    _logger.info(f'exported {os.path.basename(path)}: {os.path.getsize(path) / 1e6:.2f} MB')
+
+
+def ship(args, cfg: RunConfig) -> None:
+    target = SHIPPED_SEGMENTERS[cfg.tag][2]
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    shutil.copyfile(export_path(args.output, cfg), target)
+    _logger.info(f'shipped {target}')
+
+
+# --------------------------------------------------------------------------------------------
+# main
+
+
+def run_config(output: str) -> RunConfig:
+    """The configuration a recipe run in `output` last used (--tiny and --set), from run.json."""
+    path = os.path.join(output, 'run.json')
+    if not os.path.exists(path):
+        raise FileNotFoundError(f'{output} holds no dense-signs run ({path} is missing): train one with '
+                                f'{RECIPE} --output {output}')
+    with open(path) as f:
+        run = json.load(f)
+
+    def tuples(value):  # JSON gives lists where the configuration holds tuples
+        return tuple(tuples(v) for v in value) if isinstance(value, list) else value
+    overrides = {key: tuples(value) for key, value in run['overrides'].items()}
+    return dataclasses.replace(CONFIGS['tiny' if run['tiny'] else 'full'], **overrides)
+
+
+STAGE_OUTPUTS = {
+    'data': lambda out, cfg: os.path.join(out, 'data.done'),
+    'teacher': lambda out, cfg: os.path.join(out, 'teacher', 'model.pth'),
+    'lookwhere': lambda out, cfg: os.path.join(out, 'lookwhere', 'model.pth'),
+    'lowres': lambda out, cfg: os.path.join(out, 'lowres', 'model.pth'),
+    'export': lambda out, cfg: export_path(out, cfg),
+}
+RUNNERS = dict(data=stage_data, teacher=stage_teacher, lookwhere=stage_lookwhere, lowres=stage_lowres,
+               export=stage_export)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog=RECIPE, description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    group = parser.add_argument_group('run')
+    group.add_argument('--output', required=True, metavar='DIR',
+                       help='folder for every stage output, run.log and timings.json')
+    group.add_argument('--tiny', action='store_true', help='a tiny model and a few steps: checks the code only')
+    group.add_argument('--stages', default=','.join(STAGES), help='comma-separated subset of ' + ','.join(STAGES))
+    group.add_argument('--redo', action='store_true', help='run the stages given even when their output exists')
+    group.add_argument('--ship', action='store_true',
+                       help='copy the exported segmenter into timm_lookwhere/weights (create_segmenter loads it)')
+    group.add_argument('--set', nargs='+', default=[], metavar='KEY=VALUE',
+                       help='change settings of the configuration (a lever), e.g. background_weight=0.3')
+    group = parser.add_argument_group('machine')
+    group.add_argument('--workers', type=int, default=2, help='scene-generating processes (default: 2)')
+    group.add_argument('--threads', type=int, default=2, help='torch threads (default: 2)')
+    args = parser.parse_args(argv)
+    unknown = set(args.stages.split(',')) - set(STAGES)
+    if unknown:
+        parser.error(f'unknown stages {sorted(unknown)}; choose from {STAGES} (the evaluation is '
+                     'benchmarks/dense_signs.py in the source tree)')
+    if args.ship and (args.tiny or args.set):
+        parser.error('--ship copies weights into the package: only from a full run of the configuration as it is')
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    start_run(args.output, args.threads)
+    cfg, overrides = apply_overrides(CONFIGS['tiny' if args.tiny else 'full'], args.set)
+    write_json(os.path.join(args.output, 'run.json'), dict(tiny=args.tiny, overrides=overrides))
+    wanted = args.stages.split(',')
+    for stage in STAGES:
+        if stage in wanted:
+            run_stage(args.output, stage, STAGE_OUTPUTS[stage](args.output, cfg), lambda: RUNNERS[stage](args, cfg),
+                      args.redo)
+    _logger.info(f'wall time of the stages run here: {sum(read_timings(args.output).values()) / 60:.1f} min '
+                 f"({os.path.join(args.output, 'timings.json')})")
+    if args.ship:
+        ship(args, cfg)
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
