@@ -37,7 +37,7 @@ from timm_lookwhere.recipes.dense_signs import (
     K_RATIOS, NUM_CLASSES, SIGN_CLASSES, RunConfig, confusions, export_path, load_lookwhere, load_lowres, load_split,
     load_teacher, run_config, sign_patches,
 )
-from timm_lookwhere.recipes.sparse_signs import gflops, run_stage, start_run, write_json
+from timm_lookwhere.recipes.stages import gflops, run_evaluation, write_json
 
 _logger = logging.getLogger('dense_signs')
 BOOTSTRAP = 1000  # resamples of the test scenes for the intervals
@@ -279,13 +279,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    try:
-        cfg = run_config(args.output)
-    except FileNotFoundError as e:
-        raise SystemExit(f'error: {e}') from None
-    start_run(args.output, args.threads)
-    run_stage(args.output, 'evaluate', os.path.join(args.output, 'results.json'), lambda: stage_evaluate(args, cfg),
-              args.redo)
+    run_evaluation(args, run_config, stage_evaluate)
     return 0
 
 

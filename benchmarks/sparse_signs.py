@@ -31,7 +31,8 @@ from timm_lookwhere import SelectionRecorder
 from timm_lookwhere.cost import median_latency_ms
 from timm_lookwhere.scenes import CLASS_NAMES, patches_under_box, sign_patches_seen
 from timm_lookwhere.recipes.sparse_signs import K_RATIOS, LowResViT, RunConfig, accuracy, build_teacher, \
-    create_lookwhere, export_path, gflops, load_split, run_config, run_stage, start_run, write_json
+    create_lookwhere, export_path, load_split, run_config
+from timm_lookwhere.recipes.stages import gflops, run_evaluation, write_json
 
 _logger = logging.getLogger('sparse_signs')  # the recipe's: one run.log
 
@@ -212,7 +213,6 @@ def lever_table(folders: Sequence[str]) -> str:
     return '\n'.join(lines)
 
 
-
 # --------------------------------------------------------------------------------------------
 # main
 
@@ -236,13 +236,7 @@ def main(argv=None) -> int:
     if args.lever_table is not None:
         print(lever_table(args.lever_table))
         return 0
-    try:
-        cfg = run_config(args.output)
-    except FileNotFoundError as e:
-        raise SystemExit(f'error: {e}') from None
-    start_run(args.output, args.threads)
-    run_stage(args.output, 'evaluate', os.path.join(args.output, 'results.json'), lambda: stage_evaluate(args, cfg),
-              args.redo)
+    run_evaluation(args, run_config, stage_evaluate)
     return 0
 
 

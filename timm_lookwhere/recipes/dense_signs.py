@@ -35,13 +35,11 @@ scenes is a benchmark of the source tree: `python benchmarks/dense_signs.py --ou
 """
 import argparse
 import dataclasses
-import json
 import logging
 import math
 import os
 import shutil
 import sys
-import time
 from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Tuple
 
 import numpy as np
@@ -62,8 +60,9 @@ from ..segmentation import (
     SHIPPED_SEGMENTERS, LookWhereSegmenter, confusion_matrix, create_segmenter, mean_iou, segmentation_loss,
 )
 from ..teachers import TEACHER_BASE, create_teacher, dense_counterpart_kwargs
-from .sparse_signs import (
-    Progress, apply_overrides, gflops, normalize, read_timings, run_stage, save, start_run, window_features,
+from .sparse_signs import normalize, window_features
+from .stages import (
+    Progress, apply_overrides, check_stage_arguments, gflops, read_run, run_stages, save, start_run, train_steps,
     write_json,
 )
 
@@ -325,40 +324,8 @@ def fit(
     optimizer = create_optimizer_v2(groups, 'adamw', lr=lr, weight_decay=weight_decay)
     warmup = max(1, steps // 10)
     scheduler = warmup_cosine_scheduler(optimizer, steps, warmup, warmup_lr=lr / 100, min_lr=lr / 100)
-    done = 0
-    if os.path.exists(state_path):
-        state = torch.load(state_path, weights_only=True)
-        model.load_state_dict(state['model'])
-        optimizer.load_state_dict(state['optimizer'])
-        for generator, rng in zip(generators, state['generators']):
-            generator.set_state(rng)
-        done = state['step']
-        _logger.info(f'{stage}: continuing after step {done} of {steps} ({state_path})')
-
-    def save_state(step: int) -> None:
-        save(dict(model=model.state_dict(), optimizer=optimizer.state_dict(), step=step,
-                  generators=[g.get_state() for g in generators]), state_path)
-
-    params = [p for p in model.parameters() if p.requires_grad]
-    progress = Progress(stage, steps, first=done + 1)
-    loss_avg, last_save = None, time.perf_counter()
-    model.train()
-    for step in range(done + 1, steps + 1):
-        batch = next(batches)
-        scheduler.step_update(step - 1)
-        if before_step is not None:
-            before_step(step)
-        loss = loss_fn(model, batch)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        loss_avg = loss.item() if loss_avg is None else 0.9 * loss_avg + 0.1 * loss.item()
-        progress.update(step, loss=loss_avg, lr=optimizer.param_groups[0]['lr'])
-        if step == steps or time.perf_counter() - last_save > SAVE_EVERY_S:
-            save_state(step)
-            last_save = time.perf_counter()
-    model.eval()
+    train_steps(stage, model, optimizer, scheduler, batches, steps, lambda m, batch: (loss_fn(m, batch), {}),
+                state_path, generators, before_step, save_every_s=SAVE_EVERY_S)
 
 
 def class_weight(cfg: RunConfig) -> torch.Tensor:
@@ -531,18 +498,9 @@ def ship(args, cfg: RunConfig) -> None:
 
 
 def run_config(output: str) -> RunConfig:
-    """The configuration a recipe run in `output` last used (--tiny and --set), from run.json."""
-    path = os.path.join(output, 'run.json')
-    if not os.path.exists(path):
-        raise FileNotFoundError(f'{output} holds no dense-signs run ({path} is missing): train one with '
-                                f'{RECIPE} --output {output}')
-    with open(path) as f:
-        run = json.load(f)
-
-    def tuples(value):  # JSON gives lists where the configuration holds tuples
-        return tuple(tuples(v) for v in value) if isinstance(value, list) else value
-    overrides = {key: tuples(value) for key, value in run['overrides'].items()}
-    return dataclasses.replace(CONFIGS['tiny' if run['tiny'] else 'full'], **overrides)
+    """The configuration a recipe run in `output` last used (--tiny and --set)."""
+    run = read_run(output, RECIPE)
+    return dataclasses.replace(CONFIGS['tiny' if run['tiny'] else 'full'], **run['overrides'])
 
 
 STAGE_OUTPUTS = {
@@ -573,12 +531,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     group.add_argument('--workers', type=int, default=2, help='scene-generating processes (default: 2)')
     group.add_argument('--threads', type=int, default=2, help='torch threads (default: 2)')
     args = parser.parse_args(argv)
-    unknown = set(args.stages.split(',')) - set(STAGES)
-    if unknown:
-        parser.error(f'unknown stages {sorted(unknown)}; choose from {STAGES} (the evaluation is '
-                     'benchmarks/dense_signs.py in the source tree)')
-    if args.ship and (args.tiny or args.set):
-        parser.error('--ship copies weights into the package: only from a full run of the configuration as it is')
+    check_stage_arguments(parser, args, STAGES, 'benchmarks/dense_signs.py')
     return args
 
 
@@ -587,13 +540,7 @@ def main(argv=None) -> int:
     start_run(args.output, args.threads)
     cfg, overrides = apply_overrides(CONFIGS['tiny' if args.tiny else 'full'], args.set)
     write_json(os.path.join(args.output, 'run.json'), dict(tiny=args.tiny, overrides=overrides))
-    wanted = args.stages.split(',')
-    for stage in STAGES:
-        if stage in wanted:
-            run_stage(args.output, stage, STAGE_OUTPUTS[stage](args.output, cfg), lambda: RUNNERS[stage](args, cfg),
-                      args.redo)
-    _logger.info(f'wall time of the stages run here: {sum(read_timings(args.output).values()) / 60:.1f} min '
-                 f"({os.path.join(args.output, 'timings.json')})")
+    run_stages(args, cfg, STAGES, STAGE_OUTPUTS, RUNNERS)
     if args.ship:
         ship(args, cfg)
     return 0

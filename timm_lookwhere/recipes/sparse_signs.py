@@ -45,17 +45,13 @@ folder this recipe wrote; its `--lever-table` compares lever runs.
     python -m timm_lookwhere.recipes.sparse_signs --output /tmp/ss_tiny --tiny             # every stage, a tiny model
 """
 import argparse
-import ast
 import dataclasses
-import json
 import logging
 import math
 import os
 import shutil
-import subprocess
 import sys
-import time
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -71,13 +67,16 @@ from timm.loss import LabelSmoothingCrossEntropy
 from timm.models import get_pretrained_cfg
 from timm.optim import create_optimizer_v2
 
-from ..cost import count_flops
 from ..scenes import AREA_RANGE, CLASS_NAMES, WIDE_AREA_RANGE, SceneTensors, SparseSigns, sign_patches_seen, \
     write_image_folder
 from ..distillation import DistillTeacher, warmup_cosine_scheduler
 from ..files import replacing, writer_lock
 from ..lookwhere import SIGNS_RECIPE
 from ..teachers import SHIPPED_TEACHER_FILES, TEACHER_BASE, create_teacher, dense_counterpart_kwargs
+from .stages import (  # noqa: F401  (also read from here by benchmarks/sparse_signs.py and the dense recipe)
+    Progress, apply_overrides, check_stage_arguments, gflops, load_training_state, read_run, read_timings, run_logged,
+    run_stage, run_stages, save, save_training_state, start_run, train_steps, write_json,
+)
 
 __all__ = ['RunConfig', 'CONFIGS', 'STAGES', 'K_RATIOS', 'main']
 
@@ -168,25 +167,6 @@ CONFIGS: Dict[str, Dict[str, RunConfig]] = {
 # helpers
 
 
-class Progress:
-    """Logs a stage's step, loss, speed and time left at most every `every` seconds (and at the end)."""
-
-    def __init__(self, stage: str, total: int, first: int = 1, every: float = 30.):
-        self.stage, self.total, self.first, self.every = stage, total, first, every
-        self.start = self.last = time.perf_counter()
-
-    def update(self, step: int, **values: float) -> None:
-        now = time.perf_counter()
-        if now - self.last < self.every and step != self.total:
-            return
-        self.last = now
-        elapsed = now - self.start
-        eta = elapsed / max(1, step - self.first + 1) * (self.total - step)
-        shown = ' '.join(f'{k} {v:.4g}' for k, v in values.items())
-        _logger.info(f'{self.stage}: step {step}/{self.total} {shown} | {elapsed / 60:.1f} min, '
-                     f'{eta / 60:.1f} min left')
-
-
 def normalize(x: torch.Tensor) -> torch.Tensor:
     """uint8 (B, 3, H, W) -> ImageNet-normalised float."""
     return (x.float() / 255 - MEAN) / STD
@@ -236,35 +216,6 @@ def predict(model: nn.Module, images: torch.Tensor, batch_size: int = 64) -> tor
 
 def accuracy(model: nn.Module, data: Dict[str, torch.Tensor]) -> float:
     return (predict(model, data['images']) == data['labels']).float().mean().item()
-
-
-def gflops(model: nn.Module, img_size: int) -> float:
-    """Forward GFLOPs of one image, attention included."""
-    return count_flops(model.eval(), torch.randn(1, 3, img_size, img_size)) / 1e9
-
-
-def run_logged(cmd: List[str], log_path: str) -> None:
-    """Run a command, its output streamed to the console and appended to `log_path`."""
-    _logger.info('running: ' + ' '.join(cmd))
-    with open(log_path, 'a') as log, subprocess.Popen(
-            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1) as proc:
-        for line in proc.stdout:
-            sys.stdout.write(line)
-            log.write(line)
-            log.flush()
-    if proc.returncode:
-        raise RuntimeError(f'command failed with exit code {proc.returncode}: {" ".join(cmd)}')
-
-
-def write_json(path: str, value: Any) -> None:
-    with replacing(path) as tmp, open(tmp, 'w') as f:
-        json.dump(value, f, indent=2)
-
-
-def save(value: Any, path: str) -> None:
-    """torch.save that leaves the previous file (or none) when stopped: a stage's output is whole or absent."""
-    with replacing(path) as tmp:
-        torch.save(value, tmp)
 
 
 # --------------------------------------------------------------------------------------------
@@ -417,46 +368,15 @@ def fit(
     optimizer = create_optimizer_v2(model, 'adamw', lr=lr, weight_decay=weight_decay)
     warmup = max(1, steps // 10)
     scheduler = warmup_cosine_scheduler(optimizer, steps, warmup, warmup_lr=lr / 100, min_lr=lr / 100)
-    done = 0
-    if os.path.exists(state_path):
-        state = torch.load(state_path, weights_only=True)
-        model.load_state_dict(state['model'])
-        optimizer.load_state_dict(state['optimizer'])
-        for generator, rng in zip(generators, state['generators']):
-            generator.set_state(rng)
-        done = state['step']
-        _logger.info(f'{stage}: continuing after step {done} of {steps} ({state_path})')
-
-    def save_state(step: int) -> None:
-        state = dict(model=model.state_dict(), optimizer=optimizer.state_dict(), step=step,
-                     generators=[g.get_state() for g in generators])
-        save(state, state_path)
-
     criterion = LabelSmoothingCrossEntropy(0.1)
-    params = [p for p in model.parameters() if p.requires_grad]
-    progress = Progress(stage, steps, first=done + 1)
-    loss_avg = acc_avg = None
-    last_save = time.perf_counter()
-    model.train()
-    for step in range(done + 1, steps + 1):
-        batch = next(batches)
-        scheduler.step_update(step - 1)
-        if before_step is not None:
-            before_step(step)
+
+    def step_loss(model: nn.Module, batch: tuple) -> Tuple[torch.Tensor, Dict[str, float]]:
         logits, extra_loss = forward(model, batch)
-        loss = criterion(logits, batch[1]) + extra_loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        acc = (logits.argmax(1) == batch[1]).float().mean().item()
-        loss_avg = loss.item() if loss_avg is None else 0.95 * loss_avg + 0.05 * loss.item()
-        acc_avg = acc if acc_avg is None else 0.95 * acc_avg + 0.05 * acc
-        progress.update(step, loss=loss_avg, train_acc=acc_avg, lr=optimizer.param_groups[0]['lr'])
-        if step == steps or time.perf_counter() - last_save > SAVE_EVERY_S:
-            save_state(step)
-            last_save = time.perf_counter()
-    model.eval()
+        accuracy = (logits.argmax(1) == batch[1]).float().mean().item()
+        return criterion(logits, batch[1]) + extra_loss, dict(train_acc=accuracy)
+
+    train_steps(stage, model, optimizer, scheduler, batches, steps, step_loss, state_path, generators, before_step,
+                smoothing=0.95, save_every_s=SAVE_EVERY_S)
 
 # --------------------------------------------------------------------------------------------
 # stages
@@ -662,22 +582,6 @@ def ship(args, cfg: RunConfig) -> None:
 # levers
 
 
-def apply_overrides(cfg: Any, pairs: Sequence[str]) -> Tuple[Any, Dict[str, Any]]:
-    """`key=value` pairs (python literals) -> the configuration (any recipe's dataclass) with those fields
-    replaced."""
-    fields = {f.name for f in dataclasses.fields(cfg)}
-    overrides = {}
-    for pair in pairs:
-        key, sep, value = pair.partition('=')
-        if not sep or key not in fields:
-            raise ValueError(f'--set takes key=value with a key of {sorted(fields)}, got {pair!r}')
-        try:
-            overrides[key] = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            overrides[key] = value  # a plain string
-    return dataclasses.replace(cfg, **overrides), overrides
-
-
 def share_stages(out: str, source: str, stages: Sequence[str]) -> None:
     """Link into this run the outputs of another run's stages before the first one this run runs (a
     lever changes one setting and redoes only what it affects); the scene caches go with the data."""
@@ -695,53 +599,10 @@ def share_stages(out: str, source: str, stages: Sequence[str]) -> None:
 # a run folder
 
 
-def start_run(output: str, threads: int) -> None:
-    """Create the folder, log to the console and OUTPUT/run.log, and set the torch threads (subprocesses too)."""
-    os.makedirs(output, exist_ok=True)
-    logging.basicConfig(level=logging.INFO, format='%(asctime)s %(message)s', handlers=[
-        logging.StreamHandler(sys.stdout), logging.FileHandler(os.path.join(output, 'run.log'))])
-    torch.set_num_threads(threads)
-    os.environ['OMP_NUM_THREADS'] = str(threads)  # the distillation subprocess too
-
-
 def run_config(output: str) -> RunConfig:
-    """The configuration a recipe run in `output` last used: its --config, --tiny and --set, from run.json."""
-    path = os.path.join(output, 'run.json')
-    if not os.path.exists(path):
-        raise FileNotFoundError(f'{output} holds no sparse-signs run ({path} is missing): train one with '
-                                f'{SIGNS_RECIPE} --output {output}')
-    with open(path) as f:
-        run = json.load(f)
-
-    def tuples(value):  # JSON gives lists where the configuration holds tuples
-        return tuple(tuples(v) for v in value) if isinstance(value, list) else value
-    overrides = {key: tuples(value) for key, value in run['overrides'].items()}
-    return dataclasses.replace(CONFIGS[run['config']]['tiny' if run['tiny'] else 'full'], **overrides)
-
-
-def run_stage(output: str, stage: str, done: str, runner: Callable[[], Any], redo: bool = False) -> None:
-    """Run a stage unless its output `done` exists (or `redo`), and add its wall time to OUTPUT/timings.json."""
-    if os.path.exists(done) and not redo:
-        _logger.info(f'{stage}: done before ({done})')
-        return
-    _logger.info(f'{stage}: starting')
-    start = time.perf_counter()
-    runner()
-    if done.endswith('done'):
-        open(done, 'w').close()
-    timings = read_timings(output)
-    timings[stage] = timings.get(stage, 0) + time.perf_counter() - start
-    write_json(os.path.join(output, 'timings.json'), timings)
-    _logger.info(f'{stage}: finished in {timings[stage] / 60:.1f} min')
-
-
-def read_timings(output: str) -> Dict[str, float]:
-    """Seconds of wall time of each stage run in `output` so far (OUTPUT/timings.json)."""
-    path = os.path.join(output, 'timings.json')
-    if not os.path.exists(path):
-        return {}
-    with open(path) as f:
-        return json.load(f)
+    """The configuration a recipe run in `output` last used: its --config, --tiny and --set."""
+    run = read_run(output, SIGNS_RECIPE)
+    return dataclasses.replace(CONFIGS[run['config']]['tiny' if run['tiny'] else 'full'], **run['overrides'])
 
 
 # --------------------------------------------------------------------------------------------
@@ -782,12 +643,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     group.add_argument('--threads', type=int, default=2,
                        help='torch threads (default: 2; training reads cached scenes, so the cores are free)')
     args = parser.parse_args(argv)
-    unknown = set(args.stages.split(',')) - set(STAGES)
-    if unknown:
-        parser.error(f'unknown stages {sorted(unknown)}; choose from {STAGES} (the evaluation is '
-                     'benchmarks/sparse_signs.py in the source tree)')
-    if args.ship and (args.tiny or args.set):
-        parser.error('--ship copies weights into the package: only from a full run of a configuration as it is')
+    check_stage_arguments(parser, args, STAGES, 'benchmarks/sparse_signs.py')
     return args
 
 
@@ -798,13 +654,7 @@ def main(argv=None) -> int:
     write_json(os.path.join(args.output, 'run.json'), dict(config=args.config, tiny=args.tiny, overrides=overrides))
     if args.share_from:
         share_stages(args.output, args.share_from, args.stages.split(','))
-    wanted = args.stages.split(',')
-    for stage in STAGES:
-        if stage in wanted:
-            run_stage(args.output, stage, STAGE_OUTPUTS[stage](args.output, cfg), lambda: RUNNERS[stage](args, cfg),
-                      args.redo)
-    _logger.info(f'wall time of the stages run here: {sum(read_timings(args.output).values()) / 60:.1f} min '
-                 f"({os.path.join(args.output, 'timings.json')})")
+    run_stages(args, cfg, STAGES, STAGE_OUTPUTS, RUNNERS)
     if args.ship:
         ship(args, cfg)
     return 0
