@@ -1,4 +1,6 @@
 """Shared test fixtures: tiny LookWhere configurations and checkpoints in the authors' layout."""
+import os
+
 import pytest
 import torch
 
@@ -70,3 +72,12 @@ def write_hub_snapshot(cache, repo_id, folder, revision='b' * 40):
     (repo_dir / 'refs').mkdir(exist_ok=True)
     (repo_dir / 'refs' / 'main').write_text(revision)
     return snapshot
+
+
+@pytest.fixture
+def restore_threads(monkeypatch):
+    """A recipe's main() sets torch's threads and OMP_NUM_THREADS for its run; the tests after it keep theirs."""
+    monkeypatch.setenv('OMP_NUM_THREADS', os.environ.get('OMP_NUM_THREADS', str(torch.get_num_threads())))
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)

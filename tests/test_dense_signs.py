@@ -65,15 +65,6 @@ def test_segmentation_folder_has_the_ade20k_layout_and_resumes(tmp_path):
     assert os.path.getmtime(tmp_path / 'images' / 'val' / '000001.png') == stamp
 
 
-@pytest.fixture
-def restore_threads(monkeypatch):
-    """main() sets torch's threads and OMP_NUM_THREADS for its run; the tests after it keep theirs."""
-    monkeypatch.setenv('OMP_NUM_THREADS', os.environ.get('OMP_NUM_THREADS', str(torch.get_num_threads())))
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_tiny_run_goes_through_every_stage_and_writes_the_table_and_plot(tmp_path, restore_threads):
     argv = ['--output', str(tmp_path), '--tiny', '--workers', '0']
     evaluate = ['--output', str(tmp_path), '--workers', '0']

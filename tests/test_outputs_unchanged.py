@@ -11,7 +11,7 @@ import timm
 import timm_lookwhere  # noqa: F401  (registers the models)
 from timm_lookwhere.scenes import generate_scene
 
-from conftest import TINY, tiny_model
+from conftest import tiny_model
 
 RECORDED = Path(__file__).parent / 'data' / 'recorded_outputs.pt'
 
@@ -47,7 +47,8 @@ def outputs(model, x):
             logits=model.forward_head(out['tokens']),
             indices=out['indices'],
             map=out['map'],
-            dense=model.dense_from_tokens(out['tokens'], out['indices'], out['grid_size'])[:1].clone(),  # one image: size
+            # one image's map, copied out of the batch's storage: it keeps the recorded file small
+            dense=model.dense_from_tokens(out['tokens'], out['indices'], out['grid_size'])[:1].clone(),
         )
 
 

@@ -1,7 +1,6 @@
 """The sparse-signs recipe: the teacher's patch supervision, its sign windows, and every stage end to end,
 its evaluation (benchmarks/sparse_signs.py, run by path) included."""
 import json
-import os
 import runpy
 from pathlib import Path
 
@@ -65,15 +64,6 @@ def test_window_features_of_the_whole_image_are_the_vits_own_tokens():
         model = sparse_signs.PatchSupervisedViT(vit, 3)
         logits, patch_logits = model(crop, ones, twos)
     assert window.shape == (2, 1 + 4, 32) and logits.shape == (2, 3) and patch_logits.shape == (2, 4, 4)
-
-
-@pytest.fixture
-def restore_threads(monkeypatch):
-    """main() sets torch's threads and OMP_NUM_THREADS for its run; the tests after it keep theirs."""
-    monkeypatch.setenv('OMP_NUM_THREADS', os.environ.get('OMP_NUM_THREADS', str(torch.get_num_threads())))
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize('config', ['512', '256'])
