@@ -73,9 +73,9 @@ from ..distillation import DistillTeacher, warmup_cosine_scheduler
 from ..files import replacing, writer_lock
 from ..lookwhere import SIGNS_RECIPE
 from ..teachers import SHIPPED_TEACHER_FILES, TEACHER_BASE, create_teacher, dense_counterpart_kwargs
-from .stages import (  # noqa: F401  (also read from here by benchmarks/sparse_signs.py and the dense recipe)
-    Progress, apply_overrides, check_stage_arguments, gflops, load_training_state, read_run, read_timings, run_logged,
-    run_stage, run_stages, save, save_training_state, start_run, train_steps, write_json,
+from .stages import (
+    Progress, apply_overrides, check_stage_arguments, gflops, read_run, run_logged, run_stages, save, start_run,
+    train_steps, write_json,
 )
 
 __all__ = ['RunConfig', 'CONFIGS', 'STAGES', 'K_RATIOS', 'main']
