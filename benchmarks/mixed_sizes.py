@@ -205,9 +205,8 @@ def passes(models: Dict[str, torch.nn.Module], images: List[torch.Tensor], args)
 def low_res_copy(model: torch.nn.Module, image: torch.Tensor) -> torch.Tensor:
     """What every LookWhere call does once per image whatever k: pad to whole patches and make the selector's
     low-res copy (antialiased beyond the authors' downscale). The only steps that read every pixel."""
-    padded, (rows, cols) = model._image_on_grid(image[None])
-    patch = model.patch_embed.patch_size[0]
-    return model.selector.low_res_copy(padded, model.selector.antialias_for((rows * patch, cols * patch)))
+    padded, grid = model._image_on_grid(image[None])
+    return model.selector.low_res_copy(padded, grid, model.pixel_mean, model.pixel_std)
 
 
 def time_passes(runs: Dict[str, Callable[[], None]], reps: int) -> Dict[str, List[float]]:

@@ -124,7 +124,7 @@ def test_a_hook_on_the_top_k_sees_each_image_of_a_list_on_its_own_grid():
     ([], ValueError, 'non-empty list'),
     ([torch.randn(1, 3, 56, 56)], ValueError, r'image 0 of the list: expected a \(C, H, W\) tensor'),
     ([torch.randn(3, 112, 112), 'photo.jpg'], ValueError, 'image 1 of the list: expected a .* got str'),
-    ([torch.randint(0, 255, (3, 112, 112), dtype=torch.uint8)], TypeError, 'expected a float image batch'),
+    ([torch.randint(0, 255, (3, 112, 112), dtype=torch.int16)], TypeError, 'image 0 of the list: expected uint8'),
 ])
 def test_a_bad_list_names_the_image_and_the_problem(images, error, match):
     with pytest.raises(error, match=match):
@@ -280,3 +280,71 @@ def test_a_torch_dataloader_with_collate_native_fine_tunes_on_mixed_sizes(mixed_
     assert np.mean(losses[-3:]) < np.mean(losses[:3])
     with pytest.raises(TypeError, match='create_native_transform'):
         collate_native([(Image.new('RGB', (8, 8)), 0)])
+
+
+def naflex_batch(images, patch=PATCH):
+    """timm's NaFlex dict of (C, H, W) images on whole patches, as NaFlexCollator pads it: (p, p, C) patches."""
+    seqs = [image.unfold(1, patch, patch).unfold(2, patch, patch).permute(1, 2, 3, 4, 0) for image in images]
+    longest = max(s.shape[0] * s.shape[1] for s in seqs)
+    patches = torch.zeros(len(images), longest, patch * patch * images[0].shape[0], dtype=images[0].dtype)
+    coord = torch.zeros(len(images), longest, 2, dtype=torch.long)
+    valid = torch.zeros(len(images), longest, dtype=torch.bool)
+    for b, s in enumerate(seqs):
+        rows, cols = s.shape[:2]
+        patches[b, :rows * cols] = s.reshape(rows * cols, -1)
+        coord[b, :rows * cols] = torch.stack(torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing='ij'),
+                                             -1).view(-1, 2)
+        valid[b, :rows * cols] = True
+    return dict(patches=patches, patch_coord=coord, patch_valid=valid)
+
+
+@pytest.mark.parametrize('global_pool', ['avg', 'token'])
+@pytest.mark.parametrize('form', ['tensor', 'list_fixed_k', 'list_k_ratio', 'naflex_k_ratio'])
+def test_forward_head_of_forward_features_is_forward_for_every_input_form(form, global_pool):
+    """What timm's wrappers call (transformers' TimmWrapper: forward_features, then forward_head) gives what forward
+    gives, padding of many sizes left out of the average."""
+    k_mode = dict(k=6) if form in ('tensor', 'list_fixed_k') else dict(k_ratio=0.2)
+    model = many_sizes_model(global_pool=global_pool, **k_mode)
+    torch.manual_seed(0)
+    sized = [torch.randn(3, h, w) for h, w in [(112, 112), (56, 70), (420, 266)]]
+    x = {'tensor': torch.randn(2, 3, 112, 112), 'list_fixed_k': sized, 'list_k_ratio': sized,
+         'naflex_k_ratio': naflex_batch([torch.randn(3, h, w) for h, w in [(56, 70), (420, 266), (112, 112)]])}[form]
+    with torch.no_grad():
+        features = model.forward_features(x)
+        torch.testing.assert_close(model.forward_head(features), model(x), rtol=0, atol=1e-6)
+        if form != 'tensor':  # NaFlexViT's form for many images: the padding said beside the tokens
+            assert set(features) == {'patches', 'patch_valid'}
+            final, _ = model.forward_intermediates(x, indices=1)
+            torch.testing.assert_close(model.forward_head(final), model(x), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize('change, error, match', [
+    (lambda b: b['patch_coord'].__setitem__((0, 0), torch.tensor([-1, 0])), ValueError, 'negative patch coordinates'),
+    (lambda b: b['patch_coord'].__setitem__((0, 3), torch.tensor([0, 1000])), ValueError,
+     r'image 0 of the NaFlex batch: its 20 valid patches do not tile its 4x1001 grid'),
+    (lambda b: b['patch_coord'].__setitem__((1, 1), torch.tensor([0, 0])), ValueError,
+     '1 cells missing, 1 given twice'),
+    (lambda b: b.__setitem__('patches', b['patches'].double()), TypeError,
+     r'NaFlex patches are torch.float64 but the model\'s weights are torch.float32'),
+    (lambda b: b.__setitem__('patches', b['patches'].to(torch.int32)), TypeError,
+     'NaFlex patches must be uint8 pixels or normalised floats, got torch.int32'),
+    (lambda b: b.__setitem__('patch_coord', b['patch_coord'].float()), TypeError,
+     'patch_coord must hold integer'),
+])
+def test_a_naflex_batch_whose_patches_do_not_tile_each_images_grid_once_is_refused(change, error, match):
+    model = many_sizes_model(k=4)
+    torch.manual_seed(0)
+    batch = naflex_batch([torch.randn(3, 56, 70), torch.randn(3, 84, 84)])  # 4x5 and 6x6 grids
+    change(batch)
+    with pytest.raises(error, match=match):
+        model(batch)
+
+
+def test_an_empty_naflex_batch_or_list_is_named():
+    model = many_sizes_model(k=4)
+    empty = naflex_batch([torch.randn(3, 56, 56)])
+    empty = {key: value[:0] for key, value in empty.items()}
+    with pytest.raises(ValueError, match='the NaFlex batch holds no image'):
+        model(empty)
+    with pytest.raises(ValueError, match='give a non-empty list'):
+        model([])

@@ -411,10 +411,11 @@ def test_a_selector_copy_off_the_patch_grid_is_refused_with_the_nearest_sizes(si
         tiny_model(selector_img_size=size)
 
 
-def test_raw_pixels_and_a_dtype_other_than_the_weights_are_clear_errors(images):
+def test_integer_pixels_other_than_uint8_and_a_dtype_other_than_the_weights_are_clear_errors(images):
     model = tiny_model()
-    pixels = torch.randint(0, 256, (1, 3, 112, 112), dtype=torch.uint8)
-    with pytest.raises(TypeError, match=r'expected a float image batch normalised .*mean/std, got torch\.uint8'):
+    pixels = torch.randint(0, 256, (1, 3, 112, 112), dtype=torch.int16)
+    with pytest.raises(TypeError, match=r'expected uint8 pixels \(0\.\.255\) or a float image batch normalised .*'
+                                        r'got torch\.int16; convert'):
         model(pixels)
     with pytest.raises(TypeError, match=r'the batch is torch\.float64 but the model\'s weights are torch\.float32'):
         model.forward_dense(images(1).double())

@@ -1,5 +1,7 @@
 """The extractor's sparse patch embedding: only the chosen patches of an image are cut out and embedded, with
-position embeddings sampled on the image's own grid, in O(k); the input checks it runs first go with it.
+position embeddings sampled on the image's own grid, in O(k); the input checks it runs first go with it, and
+what raw uint8 pixels need on the way: the selector's low-res copy and the cut patches normalised, the full
+frame never.
 
 `SparsePatchEmbed` is to LookWhere what timm's `NaFlexEmbeds` is to NaFlexViT: the embedding steps in one
 module (hook it to read or change the extractor's patch tokens). It keeps timm's `PatchEmbed` names and
@@ -12,7 +14,10 @@ import torch
 import torch.nn.functional as F
 from timm.layers import PatchEmbed, register_notrace_function, register_notrace_module
 
-__all__ = ['SparsePatchEmbed', 'check_image_batch', 'sample_abs_pos_embed', 'naflex_cells', 'image_from_cells']
+__all__ = [
+    'SparsePatchEmbed', 'check_image_batch', 'normalize_pixels', 'low_res_copy', 'sample_abs_pos_embed', 'naflex_cells',
+    'image_from_cells',
+]
 
 
 @torch.jit.ignore  # TorchScript has no is_autocast_enabled(device_type); a scripted graph calls back into Python
@@ -40,7 +45,8 @@ def check_image_batch(
     Args:
         img_size: the one (H, W) a fixed-size model takes; None for a model that takes every size.
         pad: sides need not be multiples of the patch size (the model pads them).
-        dtype: the model's weights' dtype, which a batch must have outside autocast.
+        dtype: the model's weights' dtype, which a float batch must have outside autocast (uint8 pixels are
+            normalised into it).
     """
     if not isinstance(x, torch.Tensor):
         raise TypeError(f'expected an image tensor (B, C, H, W), got {type(x).__name__}')
@@ -48,12 +54,13 @@ def check_image_batch(
         raise ValueError(f'expected an image batch (B, C, H, W), got shape {list(x.shape)}')
     if x.shape[1] != in_chans:
         raise ValueError(f'expected {in_chans} input channels, got {x.shape[1]} (shape {list(x.shape)})')
-    if not x.is_floating_point():
+    if not x.is_floating_point() and x.dtype != torch.uint8:
         raise TypeError(
-            f'expected a float image batch normalised with the pretrained cfg\'s mean/std, got {x.dtype} '
-            f'(raw pixels?); transform images with timm.data.create_transform(**timm.data.resolve_data_config('
-            f'model=model)), or compute (x / 255 - mean) / std')
-    if dtype is not None and x.dtype != dtype and not _autocast_enabled(x.device.type):
+            f'expected uint8 pixels (0..255) or a float image batch normalised with the pretrained cfg\'s '
+            f'mean/std, got {x.dtype}; convert {x.dtype} pixels to uint8 (x.to(torch.uint8) if they are 0..255, '
+            f'else scale them), or transform images with timm.data.create_transform(**timm.data.'
+            f'resolve_data_config(model=model))')
+    if dtype is not None and x.is_floating_point() and x.dtype != dtype and not _autocast_enabled(x.device.type):
         raise TypeError(
             f'the batch is {x.dtype} but the model\'s weights are {dtype}: convert the batch (x.to({dtype})) or '
             f'the model (model.to({x.dtype})), or run under torch.autocast')
@@ -69,6 +76,68 @@ def check_image_batch(
             f'this model was built for {img_size[0]}x{img_size[1]} images, got {height}x{width}; create it '
             f'with img_size=({height}, {width}), or with dynamic_img_size=True to take every size')
     return x
+
+
+@register_notrace_function
+def normalize_pixels(pixels: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, channel_dim: int) -> torch.Tensor:
+    """uint8 pixels -> float32 (x / 255 - mean) / std per channel (`channel_dim`), the operations of torchvision's
+    ToTensor + Normalize in their order: the same pixels give the float path's very numbers."""
+    shape = [1] * pixels.dim()
+    shape[channel_dim] = -1
+    return (pixels.float().div(255) - mean.float().view(shape)) / std.float().view(shape)
+
+
+def _linear_taps(out_len: int, in_len: int, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Where F.interpolate(mode='bilinear', align_corners=False, antialias=False) reads the output cells of an
+    axis resized from in_len to out_len: (out_len, 2) source ids and weights, as ATen computes them."""
+    scale = (torch.tensor(in_len, dtype=torch.float32) / out_len).double()
+    # in float64, rounded once to float32: ATen's fused multiply-add gives that rounding
+    src = ((torch.arange(out_len, device=device, dtype=torch.float64) + 0.5) * scale - 0.5).float().clamp(min=0)
+    first = src.floor().clamp(max=in_len - 1)
+    second = (first + 1).clamp(max=in_len - 1)
+    far = src - first
+    return torch.stack([first, second], dim=1).long(), torch.stack([1 - far, far], dim=1)
+
+
+@register_notrace_function
+def low_res_copy(
+        x: torch.Tensor,
+        size: Tuple[int, int],
+        antialias: bool,
+        padded_size: Tuple[int, int],
+        mean: torch.Tensor,
+        std: torch.Tensor,
+) -> torch.Tensor:
+    """(B, C, H, W) images -> (B, C, *size) bilinear low-res copies, normalised float32.
+
+    A float batch is already normalised and on whole patches. uint8 pixels (H, W at most `padded_size`, the
+    image's patch grid, the rest padding that normalises to zero, as the float path pads) are normalised on
+    what the copy reads only:
+      - without antialiasing (the authors' resize, up to their downscale) each output pixel reads 2x2 source
+        pixels: those rows and columns are gathered, normalised and mixed with ATen's weights, which gives the
+        float path's copy within float rounding;
+      - with antialiasing every pixel counts: the copy is made in uint8 (rounded to whole pixel levels, at most
+        one level off the float path's) and then normalised.
+    """
+    if x.is_floating_point():
+        return F.interpolate(x, size=size, mode='bilinear', align_corners=False, antialias=antialias)
+    height, width = x.shape[2], x.shape[3]
+    if antialias:
+        if height != padded_size[0] or width != padded_size[1]:  # pad with the pixel level nearest the mean
+            fill = (mean.float() * 255).round().to(torch.uint8).view(1, -1, 1, 1)
+            padded = fill.expand(x.shape[0], x.shape[1], padded_size[0], padded_size[1]).clone()
+            padded[:, :, :height, :width] = x
+            x = padded
+        small = F.interpolate(x, size=size, mode='bilinear', align_corners=False, antialias=True)
+        return normalize_pixels(small, mean, std, 1)
+    row_ids, row_weights = _linear_taps(size[0], padded_size[0], x.device)  # (h, 2) each
+    col_ids, col_weights = _linear_taps(size[1], padded_size[1], x.device)  # (w, 2) each
+    rows = normalize_pixels(x.index_select(2, row_ids.clamp(max=height - 1).flatten()), mean, std, 1)  # (B, C, 2h, W)
+    rows = rows * (row_ids < height).flatten().to(rows.dtype)[:, None]  # padding rows normalise to zero
+    rows = (rows.unflatten(2, (size[0], 2)) * row_weights[:, :, None]).sum(3)  # (B, C, h, W)
+    cells = rows.index_select(3, col_ids.clamp(max=width - 1).flatten())  # (B, C, h, 2w)
+    cells = cells * (col_ids < width).flatten().to(cells.dtype)
+    return (cells.unflatten(3, (size[1], 2)) * col_weights).sum(4)  # (B, C, h, w)
 
 
 def _cubic_taps(dst: torch.Tensor, in_len: int, out_len: int) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -152,10 +221,22 @@ class SparsePatchEmbed(PatchEmbed):
             indices: torch.Tensor,
             grid_size: Tuple[int, int],
             pos_embed: torch.Tensor,
+            pixel_mean: Optional[torch.Tensor] = None,
+            pixel_std: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        """(B, C, H, W) image on whole patches of a (rows, cols) grid, (B, k) chosen ids, (1, N, D) position
-        embeddings stored at `self.grid_size` -> (B, k, D) tokens of the chosen patches."""
-        return self.embed_pixels(self.cut(x, indices, grid_size), indices, grid_size, pos_embed)
+        """(B, C, H, W) image of a (rows, cols) grid, (B, k) chosen ids, (1, N, D) position embeddings stored at
+        `self.grid_size` -> (B, k, D) tokens of the chosen patches.
+
+        A float image is normalised and on whole patches. uint8 pixels may stop short of the grid's last row and
+        column (the rest is padding); only the k patches are normalised, with `pixel_mean` and `pixel_std`.
+        """
+        if x.dtype == torch.uint8:
+            if pixel_mean is None or pixel_std is None:
+                raise ValueError('uint8 pixels need the pixel_mean and pixel_std to normalise them with')
+            pixels = self.cut_pixels(x, indices, grid_size, pixel_mean, pixel_std).to(pos_embed.dtype)
+        else:
+            pixels = self.cut(x, indices, grid_size)
+        return self.embed_pixels(pixels, indices, grid_size, pos_embed)
 
     def cut(self, x: torch.Tensor, indices: torch.Tensor, grid_size: Tuple[int, int]) -> torch.Tensor:
         """(B, C, H, W) image, (B, k) ids of cells of its (rows, cols) grid -> (B, k, C * p * p) pixels of
@@ -172,6 +253,31 @@ class SparsePatchEmbed(PatchEmbed):
         channel_rows = torch.arange(C, device=x.device)[:, None] * rows * p + torch.arange(p, device=x.device)
         patches = runs.index_select(0, (first[..., None] + channel_rows.flatten() * cols).flatten())  # (B*k*C*p, p)
         return patches.view(B, k, C * p * p)
+
+    def cut_pixels(
+            self,
+            x: torch.Tensor,
+            indices: torch.Tensor,
+            grid_size: Tuple[int, int],
+            mean: torch.Tensor,
+            std: torch.Tensor,
+    ) -> torch.Tensor:
+        """(B, C, H, W) uint8 pixels, (B, k) ids of cells of a (rows, cols) grid that may run past the image's
+        sides -> (B, k, C * p * p) float32 pixels of those patches, normalised, zero where a patch runs past
+        the image (the float path's padding); in the (C, p, p) order of the projection's weight."""
+        B, C, height, width = x.shape
+        cols, p = grid_size[1], self.patch_size[0]
+        steps = torch.arange(p, device=x.device)
+        ys = (indices // cols)[..., None] * p + steps  # (B, k, p) pixel rows of each patch
+        xs = (indices % cols)[..., None] * p + steps  # (B, k, p) pixel columns
+        inside = (ys < height)[:, :, None, :, None] & (xs < width)[:, :, None, None, :]  # (B, k, 1, p, p)
+        channel_rows = ((torch.arange(B, device=x.device)[:, None, None] * C
+                         + torch.arange(C, device=x.device)[None, None, :]) * height)  # (B, 1, C)
+        rows = channel_rows[..., None] + ys.clamp(max=height - 1)[:, :, None, :]  # (B, k, C, p)
+        flat = rows[..., None] * width + xs.clamp(max=width - 1)[:, :, None, None, :]  # (B, k, C, p, p)
+        pixels = x.reshape(-1)[flat]  # (B, k, C, p, p) uint8: a gather of the k patches only
+        pixels = normalize_pixels(pixels, mean, std, 2) * inside.to(torch.float32)
+        return pixels.flatten(2)  # (B, k, C * p * p)
 
     def embed_pixels(
             self,
@@ -197,9 +303,15 @@ def naflex_cells(
         patch_size: int,
         in_chans: int,
         channels_last: bool = True,
+        pixel_mean: Optional[torch.Tensor] = None,
+        pixel_std: Optional[torch.Tensor] = None,
 ) -> List[Tuple[torch.Tensor, Tuple[int, int]]]:
     """timm's NaFlex batch -> for each image, its patches by grid cell, (rows * cols, C * p * p) in the
     projection's (C, p, p) order, and its (rows, cols) grid (from the largest coordinates of its valid patches).
+
+    Each image's valid patches must tile its grid, each cell once, as timm's NaFlex collator gives them: a
+    coordinate outside the grid or a cell given twice is refused (it would make another grid of the image).
+    uint8 patches are raw pixels, normalised with `pixel_mean` and `pixel_std`.
 
     Args:
         patches: (B, N, p * p * C) as timm's NaFlexCollator pads them ((p, p, C) per patch, or (C, p, p) with
@@ -214,17 +326,34 @@ def naflex_cells(
             f'a NaFlex batch of {p}x{p} patches with {C} channels needs patches (B, N, {p * p * C}), patch_coord '
             f'(B, N, 2) and patch_valid (B, N); got {list(patches.shape)}, {list(patch_coord.shape)}, '
             f'{list(patch_valid.shape)}: was the loader made with this model\'s patch size (get_patch_size())?')
+    if patch_coord.is_floating_point() or patch_coord.dtype == torch.bool:
+        raise TypeError(f'NaFlex patch_coord must hold integer (row, col) cells, got {patch_coord.dtype}')
     pixels = patches.reshape(B, N, p, p, C).permute(0, 1, 4, 2, 3) if channels_last else patches.reshape(B, N, C, p, p)
     pixels = pixels.reshape(B, N, C * p * p)
+    if pixels.dtype == torch.uint8:
+        if pixel_mean is None or pixel_std is None:
+            raise ValueError('uint8 NaFlex patches need the pixel_mean and pixel_std to normalise them with')
+        pixels = normalize_pixels(pixels.view(B, N, C, p * p), pixel_mean, pixel_std, 2).flatten(2)
     out = []
     for b in range(B):
         valid = patch_valid[b].bool()
         if not valid.any():
             raise ValueError(f'image {b} of the NaFlex batch has no valid patch')
         coord = patch_coord[b][valid].long()  # (n, 2)
+        if bool((coord < 0).any()):
+            raise ValueError(f'image {b} of the NaFlex batch has negative patch coordinates '
+                             f'{coord[(coord < 0).any(1)][:4].tolist()}; (row, col) cells count from 0')
         rows, cols = int(coord[:, 0].max()) + 1, int(coord[:, 1].max()) + 1
+        cell_ids = coord[:, 0] * cols + coord[:, 1]
+        if len(cell_ids) != rows * cols or torch.unique(cell_ids).numel() != rows * cols:
+            given, unique = len(cell_ids), torch.unique(cell_ids).numel()
+            raise ValueError(
+                f'image {b} of the NaFlex batch: its {given} valid patches do not tile its {rows}x{cols} grid '
+                f'(the grid its largest coordinates give) each cell once: {rows * cols - unique} cells missing, '
+                f'{given - unique} given twice. A coordinate outside the image or a repeated one? timm\'s '
+                f'NaFlex collator gives every cell of each image once.')
         cells = pixels.new_zeros(rows * cols, C * p * p)
-        cells[coord[:, 0] * cols + coord[:, 1]] = pixels[b][valid]
+        cells[cell_ids] = pixels[b][valid]
         out.append((cells, (rows, cols)))
     return out
 

@@ -12,13 +12,11 @@ Forward for one 518x518 image (ViT-B/14, k = 10%):
                the selector's prefix tokens go in front, 12 blocks, final norm
     outputs:   cls token -> head; or every patch of the grid filled from the 136 (forward_dense)
 """
-import importlib
 import logging
 import math
 import numbers
 import os
-import warnings
-from typing import Any, Dict, List, Optional, Set, Tuple, Type, Union
+from typing import Any, Dict, List, Optional, Sequence, Set, Tuple, Type, Union
 
 import torch
 import torch.nn as nn
@@ -36,6 +34,7 @@ from timm.models import (
     register_model,
 )
 from timm.models._features import feature_take_indices
+from timm.models.naflexvit import global_pool_naflex
 from timm.models.vision_transformer import Block, VisionTransformer, global_pool_nlc, init_weights_vit_timm
 
 from .checkpoints import (
@@ -43,34 +42,20 @@ from .checkpoints import (
     stored_num_classes, weights_unavailable_message,
 )
 from .dense import idw_fill
-from .layers import SparsePatchEmbed, check_image_batch, image_from_cells, naflex_cells
+from .layers import SparsePatchEmbed, check_image_batch, low_res_copy
+from .many_sizes import attention_mask, is_many, pad_tokens, read_many, similar_k_groups, zero_padding
 
 __all__ = [
     'LookWhere', 'LookWhereSelector', 'TopKSelect', 'SelectionRecorder', 'checkpoint_filter_fn',
 ]
 
-# Names that lived here before each moved to the module whose job it is; importing them from here still
-# works for one release, with a DeprecationWarning.
-_MOVED = {
-    'check_image_batch': 'layers', 'sample_abs_pos_embed': 'layers',
-    'TEACHER_BASE': 'teachers', 'SHIPPED_TEACHER_FILES': 'teachers', 'ZOO_TEACHERS': 'teachers',
-    'dense_counterpart_kwargs': 'teachers', 'create_teacher': 'teachers',
-}
-
-
-def __getattr__(name: str) -> Any:
-    if name not in _MOVED:
-        raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
-    module = f'timm_lookwhere.{_MOVED[name]}'
-    warnings.warn(f'timm_lookwhere.lookwhere.{name} moved to {module}; import it from there', DeprecationWarning,
-                  stacklevel=2)
-    return getattr(importlib.import_module(module), name)
-
-
 _logger = logging.getLogger(__name__)
 
-# What a forward takes: a (B, C, H, W) batch, a list of (C, H_i, W_i) images of their own sizes, or timm's NaFlex dict
+# What a forward takes: a (B, C, H, W) batch, a list of (C, H_i, W_i) images of their own sizes, or timm's NaFlex
+# dict; normalised floats or uint8 pixels
 Images = Union[torch.Tensor, List[torch.Tensor], Dict[str, torch.Tensor]]
+# What forward_features gives: (B, P + k, D) tokens, or for many images {'patches': ..., 'patch_valid': ...}
+Features = Union[torch.Tensor, Dict[str, Optional[torch.Tensor]]]
 
 DEFAULT_K_RATIO = 0.1  # the authors' suggestion
 # The authors' selector sees a 518 px image at 154 px: a 3.4x bilinear downscale without antialiasing.
@@ -161,24 +146,8 @@ def _check_k_fits(k: int, grid_size: Tuple[int, int], patch_size: int, way_out: 
 
 
 @register_notrace_module  # a leaf under FX, which cannot trace einops; as a module it scripts, compiles and exports
-class ScoreLayout(Rearrange):
+class MapLayout(Rearrange):
     """einops' Rearrange, kept whole by FX tracing."""
-
-
-# Images whose k differ by at most this factor share an extractor pass, padded to the longest of them.
-PADDING_SLACK = 1.25
-
-
-def _similar_k_groups(counts: List[int]) -> List[Tuple[List[int], int]]:
-    """Image ids grouped by similar k (sorted, a group's longest at most PADDING_SLACK times its shortest):
-    (ids, the group's longest k) each, so the padding a group runs is at most a quarter of its tokens."""
-    order = sorted(range(len(counts)), key=lambda i: counts[i])
-    groups, start = [], 0
-    for end in range(1, len(order) + 1):
-        if end == len(order) or counts[order[end]] > PADDING_SLACK * counts[order[start]]:
-            groups.append((order[start:end], counts[order[end - 1]]))
-            start = end
-    return groups
 
 
 class LookWhereSelector(nn.Module):
@@ -237,7 +206,7 @@ class LookWhereSelector(nn.Module):
         self.antialias = antialias
         self.head = Mlp(embed_dim, 4 * embed_dim, self.multiplier ** 2, act_layer=nn.GELU, **dd)
         # each low-res patch scores an m x m block of the high-res map, laid out as the authors do
-        self.map_layout = ScoreLayout(  # (B, h * w, m * m) -> (B, 1, h * m, w * m)
+        self.map_layout = MapLayout(  # (B, h * w, m * m) -> (B, 1, h * m, w * m)
             'b (h w) (i j) -> b 1 (h i) (w j)', h=self.grid_size[0], i=self.multiplier)
 
     def antialias_for(self, image_size: Tuple[int, int]) -> bool:
@@ -247,37 +216,35 @@ class LookWhereSelector(nn.Module):
         downscale = max(image_size[0] / self.img_size[0], image_size[1] / self.img_size[1])
         return downscale > AUTHORS_SELECTOR_DOWNSCALE + 1e-6
 
-    def forward(
+    def low_res_copy(
             self,
             x: torch.Tensor,
-            out_size: Tuple[int, int],
-            antialias: bool = False,
-    ) -> Tuple[torch.Tensor, torch.Tensor]:
-        """(B, C, H, W) high-res image -> (B, rows * cols) map logits, (B, P, D) prefix tokens.
+            grid_size: Tuple[int, int],
+            pixel_mean: torch.Tensor,
+            pixel_std: torch.Tensor,
+    ) -> torch.Tensor:
+        """(B, C, H, W) images of a (rows, cols) grid of high-res patches -> (B, C, 154, 154) normalised copies:
+        what the selector sees. Float images are normalised and on whole patches; uint8 pixels are normalised
+        on what the copy reads (see `layers.low_res_copy`)."""
+        patch = self.backbone.patch_embed.patch_size[0]
+        padded = (grid_size[0] * patch, grid_size[1] * patch)
+        copy = low_res_copy(x, self.img_size, self.antialias_for(padded), padded, pixel_mean, pixel_std)
+        return copy if x.is_floating_point() else copy.to(self.backbone.pos_embed.dtype)
 
-        `antialias` is `antialias_for((H, W))`, decided by the caller, which knows the image size
-        even where tracing hides it.
-        """
-        blocks, prefix = self.score_blocks(self.low_res_copy(x, antialias))  # (B, 1, 44, 44), (B, P, D)
-        return self.map_on_grid(blocks, out_size), prefix  # (B, rows * cols), (B, P, D)
-
-    def low_res_copy(self, x: torch.Tensor, antialias: bool = False) -> torch.Tensor:
-        """(B, C, H, W) -> (B, C, 154, 154): what the selector sees."""
-        return F.interpolate(x, size=self.img_size, mode='bilinear', align_corners=False, antialias=antialias)
-
-    def score_blocks(self, low_res: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """(B, C, 154, 154) low-res copies -> (B, 1, 44, 44) scores in blocks of the map, (B, P, D) prefix tokens."""
+    def forward(self, low_res: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(B, C, 154, 154) low-res copies -> (B, 1, 44, 44) map logits in the blocks of the authors' layout,
+        (B, P, D) prefix tokens."""
         x = self.backbone.forward_features(low_res)  # (B, P + 121, D)
         prefix, patches = x[:, :self.num_prefix_tokens], x[:, self.num_prefix_tokens:]
         # contiguous: on a strided slice F.linear falls back to a batched matmul with the weight
         # copied per image (2x slower on CPU); a copy of the 121 tokens lets it use one GEMM
-        scores = self.head(patches.contiguous())  # (B, 121, m*m)
-        return self.map_layout(scores), prefix  # (B, 1, 44, 44), (B, P, D)
+        logits = self.head(patches.contiguous())  # (B, 121, m*m)
+        return self.map_layout(logits), prefix  # (B, 1, 44, 44), (B, P, D)
 
     @staticmethod
-    def map_on_grid(blocks: torch.Tensor, out_size: Tuple[int, int]) -> torch.Tensor:
-        """(B, 1, 44, 44) score blocks -> (B, rows * cols) logits, one per patch of a (rows, cols) grid."""
-        return F.interpolate(blocks, size=out_size, mode='bilinear', align_corners=False).flatten(1)
+    def map_on_grid(map_blocks: torch.Tensor, grid_size: Tuple[int, int]) -> torch.Tensor:
+        """(B, 1, 44, 44) map blocks -> (B, rows * cols) map logits, one per patch of a (rows, cols) grid."""
+        return F.interpolate(map_blocks, size=grid_size, mode='bilinear', align_corners=False).flatten(1)
 
 
 @register_notrace_module  # a leaf under FX, so its forward hooks still run in a traced model
@@ -457,6 +424,12 @@ class LookWhere(nn.Module):
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(embed_dim, num_classes, **dd) if num_classes > 0 else nn.Identity()
 
+        # how uint8 pixels are normalised (the pretrained cfg's mean and std, set by the model factory): buffers,
+        # so they travel with the model to its device; not in the state dict
+        self.register_buffer('pixel_mean', torch.empty(in_chans, device=device, dtype=torch.float32), persistent=False)
+        self.register_buffer('pixel_std', torch.empty(in_chans, device=device, dtype=torch.float32), persistent=False)
+        self.set_pixel_normalization(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
+
         if weight_init != 'skip':
             self.init_weights()
         self.set_selector_trainable(not freeze_selector)
@@ -477,6 +450,22 @@ class LookWhere(nn.Module):
         trunc_normal_(self.pos_embed, std=.02)
         for module in (self.patch_embed, self.blocks, self.head, self.selector.head):
             named_apply(init_weights_vit_timm, module)
+
+    def set_pixel_normalization(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        """The mean and std (per channel, of pixels scaled to [0, 1]) that uint8 input is normalised with; the
+        model factory sets its pretrained cfg's. One value (or another count than the channels: their average)
+        serves every channel."""
+        values = {}
+        for name, given in (('mean', mean), ('std', std)):
+            given = [float(v) for v in (given if isinstance(given, (list, tuple)) else [given])]
+            if len(given) != self.in_chans:  # e.g. ImageNet's three for a one-channel model: their average
+                given = [sum(given) / len(given)] * self.in_chans
+            values[name] = given
+        if any(v <= 0 for v in values['std']):
+            raise ValueError(f"pixel std must be positive, got {values['std']}")
+        with torch.no_grad():
+            self.pixel_mean.copy_(torch.tensor(values['mean']))
+            self.pixel_std.copy_(torch.tensor(values['std']))
 
     def set_k(self, k: Optional[int] = None, k_ratio: Optional[float] = None) -> None:
         """Set how many high-res patches the extractor sees: a count `k` or a fraction `k_ratio`.
@@ -582,89 +571,118 @@ class LookWhere(nn.Module):
         self.head.train(self.training)
 
     # ----------------------------------------------------------------------------------------
-    # forward
+    # forward: one embedding step for every input form, then the blocks, then the head
 
     def _image_on_grid(self, x: torch.Tensor) -> Tuple[torch.Tensor, Tuple[int, int]]:
-        """Check the input; return it on whole patches (padded when asked) and its (rows, cols) grid."""
+        """Check a (B, C, H, W) batch; return it and its (rows, cols) patch grid. Normalised floats are padded
+        to whole patches (with zeros, when asked); uint8 pixels stay as they are: only what the model reads of
+        them is normalised and padded (the low-res copy, the k patches)."""
         patch = self.patch_embed.patch_size[0]
         pad = self.dynamic_img_size and self.dynamic_img_pad
         only_size = None if self.dynamic_img_size else self.patch_embed.img_size
         x = check_image_batch(x, self.in_chans, patch, only_size, pad, self.pos_embed.dtype)
         if not self.dynamic_img_size:
             return x, self.grid_size  # static, also where tracing hides the input's shape
-        if pad:
-            x = F.pad(x, (0, -x.shape[-1] % patch, 0, -x.shape[-2] % patch))  # right and bottom, as timm
-        return x, (x.shape[-2] // patch, x.shape[-1] // patch)
+        rows, cols = -(-x.shape[-2] // patch), -(-x.shape[-1] // patch)
+        if pad and x.is_floating_point():
+            x = F.pad(x, (0, cols * patch - x.shape[-1], 0, rows * patch - x.shape[-2]))  # right and bottom, as timm
+        return x, (rows, cols)
 
-    def select(
-            self,
-            x: torch.Tensor,
-            grid_size: Optional[Tuple[int, int]] = None,
-    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Selector and top-k on images on whole patches of a (rows, cols) grid (default: the model's own):
-        (B, N) map logits, (B, P, D) prefix tokens, (B, k) chosen patch ids."""
-        rows, cols = self.grid_size if grid_size is None else grid_size
-        patch = self.patch_embed.patch_size[0]
-        _check_k_fits(self.topk.num_keep(rows * cols), (rows, cols), patch,
+    def _check_k_fits(self, grid_size: Tuple[int, int]) -> None:
+        _check_k_fits(self.topk.num_keep(grid_size[0] * grid_size[1]), grid_size, self.patch_embed.patch_size[0],
                       'set a smaller k, or a k_ratio that follows the image size')
-        antialias = self.selector.antialias_for((rows * patch, cols * patch))
+
+    def _top_k(self, map_logits: torch.Tensor) -> torch.Tensor:
+        """(B, N) map logits -> (B, k) chosen ids, best first; a hook on `topk` may have replaced them."""
+        indices = self.topk(map_logits)
+        return check_selection(indices, map_logits.shape[0], map_logits.shape[1], len(self.topk._forward_hooks) > 0)
+
+    def _select(self, x: Images) -> Dict[str, Any]:
+        """The selector's step, for every input form: the `map` logits over each image's high-res patches, the
+        chosen `indices` (best first), the `grid_size` they refer to, the selector's `prefix` tokens (B, P, D)
+        and the `images` the extractor cuts from.
+
+        A (B, C, H, W) batch gives (B, N), (B, k), one (rows, cols) and the checked batch. A list or a NaFlex
+        dict (`many`) gives lists with an entry per image: (1, N_i), (1, k_i), (rows_i, cols_i), (1, C, H_i, W_i)
+        images, and for NaFlex the `cells` already cut; its low-res copies go through the selector as one batch,
+        and the top-k module runs once per image (a hook sees each image on its own grid).
+        """
+        many = is_many(x)
+        if isinstance(x, dict) and not self.dynamic_img_size:
+            raise ValueError('a NaFlex batch holds images of many sizes: create the model with dynamic_img_size=True '
+                             '(train.py / validate.py: --model-kwargs dynamic_img_size=True)')
+        if many:
+            read = read_many(x, self._image_on_grid, self.patch_embed.patch_size[0], self.in_chans,
+                             self.patchify_channels_last, self.pixel_mean, self.pixel_std, self.pos_embed.dtype)
+            images, grids, cells = read.images, read.grids, read.cells
+        else:
+            x, grid = self._image_on_grid(x)
+            images, grids, cells = [x], [grid], None
+        for grid in grids:
+            self._check_k_fits(grid)
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.selector_trainable):
-            scores, prefix = self.selector(x, (rows, cols), antialias)  # (B, N), (B, P, D)
-        indices = self.topk(scores)  # (B, k), a hook may have replaced it
-        indices = check_selection(indices, x.shape[0], rows * cols, len(self.topk._forward_hooks) > 0)
-        return scores, prefix, indices
+            low_res = torch.cat([self.selector.low_res_copy(image, grid, self.pixel_mean, self.pixel_std)
+                                 for image, grid in zip(images, grids)])  # (B, C, 154, 154)
+            map_blocks, prefix = self.selector(low_res)  # (B, 1, 44, 44), (B, P, D)
+            if not many:
+                map_logits = self.selector.map_on_grid(map_blocks, grids[0])  # (B, N)
+                return dict(many=False, map=map_logits, indices=self._top_k(map_logits), grid_size=grids[0],
+                            prefix=prefix, images=x, cells=None)
+            maps = [self.selector.map_on_grid(map_blocks[i:i + 1], grid) for i, grid in enumerate(grids)]  # (1, N_i)
+        return dict(many=True, map=maps, indices=[self._top_k(m) for m in maps], grid_size=grids, prefix=prefix,
+                    images=images, cells=cells)
 
     def embed_patches(
             self,
-            x: torch.Tensor,
+            images: torch.Tensor,
             indices: torch.Tensor,
             grid_size: Optional[Tuple[int, int]] = None,
     ) -> torch.Tensor:
-        """Cut out only the chosen patches, embed them and add their position embeddings: (B, C, H, W), (B, k)
-        -> (B, k, D) on a (rows, cols) grid (default: the model's own); see `SparsePatchEmbed`."""
-        return self.patch_embed(x, indices, self.grid_size if grid_size is None else grid_size, self.pos_embed)
+        """(B, C, H, W) images, (B, k) chosen ids of their (rows, cols) grid (default: the model's own) -> (B, k, D)
+        tokens: only those patches are cut, embedded and given their position embeddings (`SparsePatchEmbed`)."""
+        grid_size = self.grid_size if grid_size is None else grid_size
+        return self.patch_embed(images, indices, grid_size, self.pos_embed, self.pixel_mean, self.pixel_std)
 
-    def _input_tokens(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, Tuple[int, int]]:
-        """The extractor's input: (B, N) map logits, (B, k) chosen ids, (B, P + k, D) tokens, the (rows, cols) grid."""
-        x, grid = self._image_on_grid(x)
-        scores, prefix, indices = self.select(x, grid)
-        return scores, indices, torch.cat([prefix, self.embed_patches(x, indices, grid)], dim=1), grid
+    def _forward_embeds(self, x: Images) -> Dict[str, Any]:
+        """The embedding step, timm's `_forward_embeds`: any input form -> `_select`'s output plus the extractor's
+        input `tokens` (B, P + k, D), the selector's prefix tokens then the chosen patches' tokens, and
+        `patch_valid` ((B, k) bool: True for a real patch token; None when nothing is padded). Images of many
+        sizes with k_ratio have their own k_i each: their tokens are padded to the longest."""
+        out = self._select(x)
+        if not out['many']:
+            patches, patch_valid = self.embed_patches(out['images'], out['indices'], out['grid_size']), None
+        else:
+            patches, patch_valid = pad_tokens([  # (1, k_i, D) each, padded to (B, k_max, D)
+                self.patch_embed.embed_pixels(cells[ids[0]][None], ids, grid, self.pos_embed) if cells is not None
+                else self.embed_patches(image, ids, grid)
+                for image, cells, ids, grid in zip(
+                    out['images'], out['cells'] or [None] * len(out['images']), out['indices'], out['grid_size'])])
+        out.update(tokens=torch.cat([out.pop('prefix'), patches], dim=1), patch_valid=patch_valid)
+        return out
 
-    def _blocks_and_norm(self, tokens: torch.Tensor, patch_valid: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """(B, P + k, D) -> the extractor's blocks and final norm; `patch_valid` (B, k) masks padding tokens."""
-        if patch_valid is None:
-            if self.grad_checkpointing and not torch.jit.is_scripting():
-                tokens = checkpoint_seq(self.blocks, tokens)
-            else:
-                tokens = self.blocks(tokens)
-            return self.norm(tokens)
-        tokens, _ = self._padded_blocks(tokens, patch_valid, self.blocks, [])
-        return self._zero_padding(self.norm(tokens), patch_valid)
-
-    def _padded_blocks(
+    def _forward_blocks(
             self,
             tokens: torch.Tensor,
-            patch_valid: Optional[torch.Tensor],
-            blocks: nn.Sequential,
-            take_indices: List[int],
+            patch_valid: Optional[torch.Tensor] = None,
+            take_indices: Sequence[int] = (),
+            last_block: Optional[int] = None,
             norm: bool = False,
     ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
-        """`blocks` on (B, P + k_max, D) tokens padded to the longest image: (final tokens, the outputs of the
-        blocks in `take_indices`, normed if asked), each (B, P + k_max, D).
+        """The extractor's blocks (up to `last_block`, default all) on (B, P + k, D) tokens: the final tokens
+        (not normed) and the outputs of the blocks in `take_indices` (normed if asked).
 
-        Images of similar k run together, each group padded only to its own longest and the padding masked:
-        one 4K frame among thumbnails would otherwise make every image of the batch pay for its k.
+        With `patch_valid`, images of similar k run together, each group padded only to its own longest and the
+        padding masked: one 4K frame among thumbnails would otherwise make every image pay for its k.
         """
+        blocks = self.blocks if last_block is None else self.blocks[:last_block + 1]
         if patch_valid is None:
             return self._run_blocks(tokens, None, blocks, take_indices, norm)
-        counts = patch_valid.sum(1).tolist()
         out = torch.zeros_like(tokens)
         taken = [torch.zeros_like(tokens) for _ in take_indices]
-        for images, k in _similar_k_groups(counts):
+        for images, k in similar_k_groups(patch_valid.sum(1).tolist()):
             rows = torch.tensor(images, device=tokens.device)
             length = self.num_prefix_tokens + k
-            valid = patch_valid[rows, :k]  # (b, k)
-            mask = None if bool(valid.all()) else self._key_mask(valid)
+            mask = attention_mask(patch_valid[rows, :k], self.num_prefix_tokens, tokens.dtype)
             final, group_taken = self._run_blocks(tokens[rows, :length], mask, blocks, take_indices, norm)
             out[rows, :length] = final
             for whole, part in zip(taken, group_taken):
@@ -676,12 +694,15 @@ class LookWhere(nn.Module):
             tokens: torch.Tensor,
             mask: Optional[torch.Tensor],
             blocks: nn.Sequential,
-            take_indices: List[int],
-            norm: bool = False,
+            take_indices: Sequence[int],
+            norm: bool,
     ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+        checkpointing = self.grad_checkpointing and not torch.jit.is_scripting()
+        if not take_indices and mask is None:
+            return checkpoint_seq(blocks, tokens) if checkpointing else blocks(tokens), []
         taken = []
         for i, block in enumerate(blocks):
-            if self.grad_checkpointing and not torch.jit.is_scripting():
+            if checkpointing:
                 tokens = checkpoint(block, tokens) if mask is None else checkpoint(block, tokens, mask)
             else:
                 tokens = block(tokens) if mask is None else block(tokens, attn_mask=mask)  # (B, P + k, D)
@@ -689,137 +710,48 @@ class LookWhere(nn.Module):
                 taken.append(self.norm(tokens) if norm else tokens)
         return tokens, taken
 
-    def _key_mask(self, patch_valid: torch.Tensor) -> torch.Tensor:
-        """(B, k) valid patches -> (B, 1, 1, P + k) attention mask: every query attends to the prefix and the
-        valid patches only (a padding query too, so that no row is empty)."""
-        prefix = patch_valid.new_ones(patch_valid.shape[0], self.num_prefix_tokens)
-        return torch.cat([prefix, patch_valid], dim=1)[:, None, None, :]
+    def _final_norm(self, tokens: torch.Tensor, patch_valid: Optional[torch.Tensor]) -> torch.Tensor:
+        """The final norm, the padding zeroed."""
+        return zero_padding(self.norm(tokens), patch_valid, self.num_prefix_tokens)
 
-    def _zero_padding(self, tokens: torch.Tensor, patch_valid: Optional[torch.Tensor]) -> torch.Tensor:
-        if patch_valid is None:
-            return tokens
-        valid = F.pad(patch_valid, (self.num_prefix_tokens, 0), value=True)  # (B, P + k)
-        return tokens * valid[..., None].to(tokens.dtype)
-
-    # ----------------------------------------------------------------------------------------
-    # many images of their own sizes in one batch: a list of (C, H_i, W_i) tensors, or timm's NaFlex dict
-
-    def _many_select(self, images: Union[List[torch.Tensor], Dict[str, torch.Tensor]]) -> Dict[str, Any]:
-        """Selector and top-k for images of many sizes: one batched selector pass over their low-res copies, then
-        the top-k of each image over its own grid (the top-k module runs once per image: a hook sees each).
-
-        Returns `map` and `indices` (lists of (1, N_i) and (1, k_i)), `grid_size` (list of (rows, cols)),
-        `prefix` (B, P, D), `pictures` (list of (1, C, H_i, W_i)) and, for a NaFlex batch, `cells` (list of
-        (N_i, C * p * p) patches by grid cell).
-        """
-        patch = self.patch_embed.patch_size[0]
-        cells = None
-        if isinstance(images, dict):  # timm's NaFlex batch: patches already cut, by cell of each image's grid
-            by_cell = self._naflex_cells(images)
-            cells = [c for c, _ in by_cell]
-            grids = [grid for _, grid in by_cell]
-            pictures = [image_from_cells(c, grid, patch)[None] for c, grid in by_cell]  # (1, C, H_i, W_i)
-        else:
-            if not isinstance(images, (list, tuple)) or len(images) == 0:
-                raise ValueError('give a non-empty list of (C, H, W) image tensors, or a (B, C, H, W) batch')
-            pictures, grids = [], []
-            for i, image in enumerate(images):
-                if not isinstance(image, torch.Tensor) or image.dim() != 3:
-                    got = list(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
-                    raise ValueError(f'image {i} of the list: expected a (C, H, W) tensor, got {got}')
-                picture, grid = self._image_on_grid(image[None])  # checked and padded as a batch of one
-                pictures.append(picture)
-                grids.append(grid)
-        for grid in grids:
-            _check_k_fits(self.topk.num_keep(grid[0] * grid[1]), grid, patch,
-                          'set a smaller k, or a k_ratio that follows the image size')
-
-        with torch.set_grad_enabled(torch.is_grad_enabled() and self.selector_trainable):
-            low_res = torch.cat([
-                self.selector.low_res_copy(picture, self.selector.antialias_for((rows * patch, cols * patch)))
-                for picture, (rows, cols) in zip(pictures, grids)])  # (B, C, 154, 154)
-            blocks, prefix = self.selector.score_blocks(low_res)  # (B, 1, 44, 44), (B, P, D)
-            maps = [self.selector.map_on_grid(blocks[i:i + 1], grid) for i, grid in enumerate(grids)]  # (1, N_i)
-        checked = len(self.topk._forward_hooks) > 0
-        indices = [check_selection(self.topk(m), 1, m.shape[1], checked) for m in maps]  # (1, k_i) each
-        return dict(map=maps, indices=indices, grid_size=grids, prefix=prefix, pictures=pictures, cells=cells)
-
-    def _many_input_tokens(self, images: Union[List[torch.Tensor], Dict[str, torch.Tensor]]) -> Dict[str, Any]:
-        """The extractor's input for images of many sizes: `_many_select`, then each image's chosen patches cut
-        and embedded on its own grid. Adds `tokens` (B, P + k_max, D) and `patch_valid` ((B, k_max) bool, None
-        when every image has the same k)."""
-        out = self._many_select(images)
-        cells, pictures, grids = out.pop('cells'), out.pop('pictures'), out['grid_size']
-        patch_tokens = [  # (1, k_i, D) each
-            self.patch_embed.embed_pixels(cells[i][ids[0]][None], ids, grids[i], self.pos_embed) if cells is not None
-            else self.patch_embed(pictures[i], ids, grids[i], self.pos_embed)
-            for i, ids in enumerate(out['indices'])]
-        counts = [t.shape[1] for t in patch_tokens]
-        k_max, patch_valid = max(counts), None
-        if min(counts) != k_max:  # k_ratio over grids of many sizes: pad to the longest, mask the padding
-            patch_tokens = [F.pad(t, (0, 0, 0, k_max - t.shape[1])) for t in patch_tokens]
-            device = patch_tokens[0].device
-            patch_valid = torch.arange(k_max, device=device)[None] < torch.tensor(counts, device=device)[:, None]
-        out.update(tokens=torch.cat([out.pop('prefix'), torch.cat(patch_tokens)], dim=1), patch_valid=patch_valid)
-        return out
-
-    def _naflex_cells(self, batch: Dict[str, torch.Tensor]) -> List[Tuple[torch.Tensor, Tuple[int, int]]]:
-        missing = [key for key in ('patches', 'patch_coord', 'patch_valid') if key not in batch]
-        if missing:
-            raise ValueError(f'a NaFlex batch is a dict with patches, patch_coord and patch_valid; it lacks {missing}')
-        if not self.dynamic_img_size:
-            raise ValueError('a NaFlex batch holds images of many sizes: create the model with dynamic_img_size=True '
-                             '(train.py / validate.py: --model-kwargs dynamic_img_size=True)')
-        return naflex_cells(batch['patches'], batch['patch_coord'], batch['patch_valid'],
-                            self.patch_embed.patch_size[0], self.in_chans, self.patchify_channels_last)
-
-    def _forward_all_many(self, images) -> Dict[str, Any]:
-        out = self._many_input_tokens(images)
-        out['tokens'] = self._blocks_and_norm(out['tokens'], out['patch_valid'])
-        return out
-
-    def _dense_many(self, out: Dict[str, Any]) -> List[torch.Tensor]:
-        """`_forward_all_many`'s output -> a list of (D, rows_i, cols_i) maps, each filled from its own k_i tokens."""
-        return [self.dense_from_tokens(out['tokens'][i:i + 1, :self.num_prefix_tokens + ids.shape[1]], ids, grid)[0]
-                for i, (ids, grid) in enumerate(zip(out['indices'], out['grid_size']))]
-
-    @staticmethod
-    def _per_image(out: Dict[str, Any]) -> Dict[str, Any]:
-        """Lists of (1, ...) per image -> lists of (...), as the outputs of many images are given."""
-        return dict(out, map=[m[0] for m in out['map']], indices=[ids[0] for ids in out['indices']])
+    def _features(self, out: Dict[str, Any]) -> Features:
+        """What `forward_features` gives for an input form: (B, P + k, D) tokens for a batch; for many images,
+        NaFlexViT's form, {'patches': (B, P + k_max, D), 'patch_valid': (B, k_max) or None}."""
+        return dict(patches=out['tokens'], patch_valid=out['patch_valid']) if out['many'] else out['tokens']
 
     def forward_all(self, x: Images) -> Dict[str, Any]:
-        """Everything one forward computes: `map` (B, N), `indices` (B, k), `tokens` (B, P + k, D),
-        and `grid_size`, the image's (rows, cols) patch grid the map and the ids refer to.
+        """Everything one forward computes: `map` (B, N) logits, `indices` (B, k), `tokens` (B, P + k, D), and
+        `grid_size`, the image's (rows, cols) patch grid the map and the ids refer to.
 
         For many images (a list, or a NaFlex dict): `map`, `indices` and `grid_size` are lists, one entry per
         image ((N_i,), (k_i,), (rows_i, cols_i)); `tokens` is (B, P + k_max, D) and `patch_valid` (B, k_max)
         says which of its patch tokens are real (None when every image has k: no padding), padding zeroed.
         """
-        if isinstance(x, (list, tuple, dict)):
-            return self._per_image(self._forward_all_many(x))
-        scores, indices, tokens, grid = self._input_tokens(x)
-        return dict(map=scores, indices=indices, tokens=self._blocks_and_norm(tokens), grid_size=grid)
+        out = self._forward_embeds(x)
+        tokens, _ = self._forward_blocks(out['tokens'], out['patch_valid'])
+        result = dict(map=out['map'], indices=out['indices'], tokens=self._final_norm(tokens, out['patch_valid']),
+                      grid_size=out['grid_size'])
+        if out['many']:
+            result.update(map=[m[0] for m in out['map']], indices=[ids[0] for ids in out['indices']],
+                          patch_valid=out['patch_valid'])
+        return result
 
-    def forward_features(self, x: Images) -> torch.Tensor:
-        """(B, C, H, W) -> (B, P + k, D): the selector's prefix tokens then the k patch tokens. For many images:
-        (B, P + k_max, D), padding zeroed (`forward_all` gives `patch_valid` beside it)."""
-        if isinstance(x, (list, tuple, dict)):
-            return self._forward_all_many(x)['tokens']
-        return self._blocks_and_norm(self._input_tokens(x)[2])
+    def forward_features(self, x: Images) -> Features:
+        """(B, C, H, W) -> (B, P + k, D): the selector's prefix tokens then the k patch tokens. For many images,
+        NaFlexViT's form: {'patches': (B, P + k_max, D), padding zeroed, 'patch_valid': (B, k_max) or None};
+        `forward_head` takes either, so `forward_head(forward_features(x))` is `forward(x)`."""
+        out = self._forward_embeds(x)
+        tokens, _ = self._forward_blocks(out['tokens'], out['patch_valid'])
+        return self._features(dict(out, tokens=self._final_norm(tokens, out['patch_valid'])))
 
-    def forward_selection(
-            self,
-            x: Images,
-    ) -> Dict[str, Any]:
+    def forward_selection(self, x: Images) -> Dict[str, Any]:
         """Selector only: `map` (B, N) logits over the high-res patches, `indices` (B, k) chosen, `grid_size`.
         For many images, each a list with one entry per image."""
-        if isinstance(x, (list, tuple, dict)):
-            out = self._many_select(x)
-            return self._per_image(dict(map=out['map'], indices=out['indices'], grid_size=out['grid_size']))
-        x, grid = self._image_on_grid(x)
-        scores, _, indices = self.select(x, grid)
-        return dict(map=scores, indices=indices, grid_size=grid)
+        out = self._select(x)
+        if out['many']:
+            return dict(map=[m[0] for m in out['map']], indices=[ids[0] for ids in out['indices']],
+                        grid_size=out['grid_size'])
+        return dict(map=out['map'], indices=out['indices'], grid_size=out['grid_size'])
 
     def dense_from_tokens(
             self,
@@ -833,16 +765,20 @@ class LookWhere(nn.Module):
         filled = idw_fill(tokens[:, self.num_prefix_tokens:], indices, (rows, cols), self.num_neighbors)  # (B, N, D)
         return filled.view(filled.shape[0], rows, cols, filled.shape[2]).permute(0, 3, 1, 2)  # (B, D, rows, cols)
 
-    def forward_dense(
-            self,
-            x: Images,
-    ) -> Union[torch.Tensor, List[torch.Tensor]]:
+    def _dense(self, out: Dict[str, Any], tokens: torch.Tensor) -> Union[torch.Tensor, List[torch.Tensor]]:
+        """Tokens of `_forward_embeds`' selection -> (B, C, rows, cols) filled maps; for many images a list of
+        (C, rows_i, cols_i), each filled from its own k_i tokens (C: the tokens' channels)."""
+        if not out['many']:
+            return self.dense_from_tokens(tokens, out['indices'], out['grid_size'])
+        return [self.dense_from_tokens(tokens[i:i + 1, :self.num_prefix_tokens + ids.shape[1]], ids, grid)[0]
+                for i, (ids, grid) in enumerate(zip(out['indices'], out['grid_size']))]
+
+    def forward_dense(self, x: Images) -> Union[torch.Tensor, List[torch.Tensor]]:
         """(B, C, H, W) -> (B, D, rows, cols) features for every high-res patch (rows = H / patch). For many
         images, a list of (D, rows_i, cols_i) maps."""
-        if isinstance(x, (list, tuple, dict)):
-            return self._dense_many(self._forward_all_many(x))
-        out = self.forward_all(x)
-        return self.dense_from_tokens(out['tokens'], out['indices'], out['grid_size'])
+        out = self._forward_embeds(x)
+        tokens, _ = self._forward_blocks(out['tokens'], out['patch_valid'])
+        return self._dense(out, self._final_norm(tokens, out['patch_valid']))
 
     def _take_block_indices(self, indices: Optional[Union[int, List[int]]]) -> Tuple[List[int], int]:
         """timm's rule (None: every block, n: the last n, a list: those, negative from the end),
@@ -862,14 +798,14 @@ class LookWhere(nn.Module):
             output_fmt: str = 'NCHW',
             intermediates_only: bool = False,
             output_dict: bool = False,
-    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]], Dict[str, Any]]:
+    ) -> Union[List[Any], Tuple[Features, List[Any]], Dict[str, Any]]:
         """Outputs of chosen extractor blocks, with timm VisionTransformer's signature and return forms.
 
         A block sees only the k chosen patches; each intermediate covers the whole high-res grid,
         filled from that block's k tokens as `forward_dense` does: (B, D, rows, cols) for 'NCHW',
-        (B, rows * cols, D) for 'NLC'. The final features stay (B, P + k, D) like `forward_features`,
-        so `forward_head` applies to them. For many images (a list, or a NaFlex dict), each intermediate is a
-        list of per-image maps, (D, rows_i, cols_i) or (rows_i * cols_i, D).
+        (B, rows * cols, D) for 'NLC'. The final features are `forward_features`' (so `forward_head`
+        applies to them). For many images (a list, or a NaFlex dict), each intermediate is a list of
+        per-image maps, (D, rows_i, cols_i) or (rows_i * cols_i, D).
 
         Args:
             x: (B, C, H, W) images, a list of (C, H_i, W_i) images, or a NaFlex dict.
@@ -885,42 +821,36 @@ class LookWhere(nn.Module):
         if output_fmt not in ('NCHW', 'NLC'):
             raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
         take_indices, max_index = self._take_block_indices(indices)
-        many, patch_valid = None, None
-        if isinstance(x, (list, tuple, dict)):
-            many = self._many_input_tokens(x)
-            tokens, patch_valid = many['tokens'], many['patch_valid']  # (B, P + k_max, D), (B, k_max) or None
-        else:
-            _, chosen, tokens, grid = self._input_tokens(x)  # (B, k), (B, P + k, D), (rows, cols)
-        blocks = self.blocks[:max_index + 1] if stop_early else self.blocks
-        tokens, taken = self._padded_blocks(tokens, patch_valid, blocks, take_indices, norm)
-
+        out = self._forward_embeds(x)
+        tokens, taken = self._forward_blocks(out['tokens'], out['patch_valid'], take_indices,
+                                             max_index if stop_early else None, norm)
         prefix_tokens = [t[:, :self.num_prefix_tokens] for t in taken]  # (B, P, D) each
-        # every block shares the selection: one neighbour search fills all of them, side by side in channels
-        intermediates = []
-        if taken and many is not None:
-            per_image = [y.split(self.embed_dim, dim=0) for y in self._dense_many(dict(many, tokens=torch.cat(
-                taken, dim=-1)))]  # per image, per block: (D, rows_i, cols_i)
-            intermediates = [[blocks_of_image[j] for blocks_of_image in per_image] for j in range(len(taken))]
-            if output_fmt == 'NLC':
-                intermediates = [[y.flatten(1).transpose(0, 1) for y in block] for block in intermediates]
-        elif taken:
-            filled = self.dense_from_tokens(torch.cat(taken, dim=-1), chosen, grid)  # (B, n * D, rows, cols)
-            intermediates = list(filled.split(self.embed_dim, dim=1))  # (B, D, rows, cols) each
-            if output_fmt == 'NLC':
-                intermediates = [y.flatten(2).transpose(1, 2) for y in intermediates]  # (B, rows * cols, D)
+        intermediates: List[Any] = []
+        if taken:  # every block shares the selection: one neighbour search fills all of them, side by side
+            filled = self._dense(out, torch.cat(taken, dim=-1))  # (B, n * D, rows, cols), or per image
+            if out['many']:
+                per_image = [y.split(self.embed_dim, dim=0) for y in filled]  # per image, per block: (D, rows, cols)
+                intermediates = [[blocks[j] for blocks in per_image] for j in range(len(taken))]
+                if output_fmt == 'NLC':
+                    intermediates = [[y.flatten(1).transpose(0, 1) for y in block] for block in intermediates]
+            else:
+                intermediates = list(filled.split(self.embed_dim, dim=1))  # (B, D, rows, cols) each
+                if output_fmt == 'NLC':
+                    intermediates = [y.flatten(2).transpose(1, 2) for y in intermediates]  # (B, rows * cols, D)
 
+        features = self._features(dict(out, tokens=self._final_norm(tokens, out['patch_valid'])))
         if output_dict:
-            out: Dict[str, Any] = {'image_intermediates': intermediates}
+            result: Dict[str, Any] = {'image_intermediates': intermediates}
             if return_prefix_tokens:
-                out['image_intermediates_prefix'] = prefix_tokens
+                result['image_intermediates_prefix'] = prefix_tokens
             if not intermediates_only:
-                out['image_features'] = self._zero_padding(self.norm(tokens), patch_valid)
-            return out
+                result['image_features'] = features
+            return result
         if return_prefix_tokens:
             intermediates = list(zip(intermediates, prefix_tokens))
         if intermediates_only:
             return intermediates
-        return self._zero_padding(self.norm(tokens), patch_valid), intermediates
+        return features, intermediates
 
     def prune_intermediate_layers(
             self,
@@ -940,32 +870,36 @@ class LookWhere(nn.Module):
             self.reset_classifier(0, '')
         return take_indices
 
-    def pool(self, x: torch.Tensor, pool_type: Optional[str] = None) -> torch.Tensor:
+    def pool(
+            self,
+            x: torch.Tensor,
+            pool_type: Optional[str] = None,
+            patch_valid: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """(B, P + k, D) -> (B, D): the cls token or the mean of the patch tokens (the real ones: `patch_valid`)."""
         pool_type = self.global_pool if pool_type is None else pool_type
-        return global_pool_nlc(x, pool_type=pool_type, num_prefix_tokens=self.num_prefix_tokens)
+        if patch_valid is None:  # timm's ViT pooling, which TorchScript compiles (NaFlexViT's does not)
+            return global_pool_nlc(x, pool_type=pool_type, num_prefix_tokens=self.num_prefix_tokens)
+        return global_pool_naflex(x, patch_valid, pool_type=pool_type, num_prefix_tokens=self.num_prefix_tokens)
 
     def forward_head(
             self,
-            x: torch.Tensor,
+            x: Features,
             pre_logits: bool = False,
             patch_valid: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        """(B, P + k, D) -> (B, num_classes); `patch_valid` (B, k) leaves padding out of 'avg' pooling, as
-        NaFlexViT's forward_head does."""
-        if patch_valid is not None and self.global_pool == 'avg':
-            valid = patch_valid[..., None].to(x.dtype)  # (B, k, 1)
-            x = (x[:, self.num_prefix_tokens:] * valid).sum(1) / valid.sum(1).clamp(min=1)  # (B, D)
-        else:
-            x = self.pool(x)
-        x = self.head_drop(x)
+        """`forward_features`' output -> (B, num_classes): (B, P + k, D) tokens (with `patch_valid` (B, k) where
+        they are padded), or the {'patches', 'patch_valid'} it gives for many images; padding stays out of
+        'avg' pooling, as in NaFlexViT's forward_head."""
+        if isinstance(x, dict):
+            x, patch_valid = x['patches'], x['patch_valid']
+        x = self.head_drop(self.pool(x, patch_valid=patch_valid))
         return x if pre_logits else self.head(x)
 
     # x unannotated: FX copies the annotation into a traced model, whose TorchScript reads an unannotated x as a Tensor
     def forward(self, x) -> torch.Tensor:
-        """(B, C, H, W) images, a list of (C, H_i, W_i) images, or timm's NaFlex dict -> (B, num_classes)."""
-        if isinstance(x, (list, tuple, dict)):
-            out = self._forward_all_many(x)
-            return self.forward_head(out['tokens'], patch_valid=out['patch_valid'])
+        """(B, C, H, W) images (normalised floats, or uint8 pixels), a list of (C, H_i, W_i) images, or timm's
+        NaFlex dict -> (B, num_classes)."""
         return self.forward_head(self.forward_features(x))
 
     @torch.jit.ignore
@@ -1027,7 +961,7 @@ def _create_lookwhere(variant: str, pretrained: bool = False, **kwargs) -> LookW
             kwargs['pretrained_cfg_overlay'] = dict(overlay, num_classes=kwargs['num_classes'])
     _prefer_the_calls_k(kwargs)
     try:
-        return build_model_with_cfg(
+        model = build_model_with_cfg(
             LookWhere,
             variant,
             pretrained,
@@ -1039,6 +973,11 @@ def _create_lookwhere(variant: str, pretrained: bool = False, **kwargs) -> LookW
         tag = kwargs.get('pretrained_cfg')
         cfg = get_pretrained_cfg(f'{variant}.{tag}' if isinstance(tag, str) else variant)
         raise RuntimeError(weights_unavailable_message(variant, cfg.hf_hub_id, cfg.hf_hub_filename)) from err
+    lookwhere = model.model if hasattr(model, 'model') and isinstance(model.model, LookWhere) else model
+    cfg = getattr(model, 'pretrained_cfg', None) or {}
+    if isinstance(lookwhere, LookWhere) and 'mean' in cfg and 'std' in cfg:  # uint8 input: normalised as the cfg says
+        lookwhere.set_pixel_normalization(cfg['mean'], cfg['std'])
+    return model
 
 
 def _prefer_the_calls_k(kwargs: Dict[str, Any]) -> None:
