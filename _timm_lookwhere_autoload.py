@@ -1,7 +1,7 @@
 """Registers the LookWhere models with timm the first time a Python process imports timm.
 
-`pip install timm-lookwhere` puts `timm_lookwhere-autoload.pth` in site-packages; Python's `site`
-module runs its one line at every start-up, which calls `install()`. That only puts a finder on
+Installing timm-lookwhere (`pip install .` in its source tree) puts `timm_lookwhere-autoload.pth` in
+site-packages; Python's `site` module runs its one line at every start-up, which calls `install()`. That only puts a finder on
 `sys.meta_path` (this module imports nothing but `sys` and `os`): processes that never use timm pay
 under a millisecond (benchmarks/startup.py), and none of them loads torch or timm because of it. When
 `timm` is first imported, the finder lets the normal import machinery load it, then imports

@@ -18,6 +18,7 @@ OUTPUT/timings.json; done once, it is skipped (`--redo` measures again).
     python benchmarks/dense_signs.py --output runs/dense_signs                     # about 6 min on 2 cores
 """
 import argparse
+import contextlib
 import dataclasses
 import logging
 import os
@@ -29,7 +30,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from timm_lookwhere import SelectionRecorder
+from timm_lookwhere import PreferredSelection, RandomSelection, SelectionRecorder
 from timm_lookwhere.cost import median_latency_ms
 from timm_lookwhere.scenes import SEGMENTATION_CLASSES
 from timm_lookwhere.segmentation import iou_per_class
@@ -41,33 +42,6 @@ from timm_lookwhere.recipes.stages import gflops, run_evaluation, write_json
 
 _logger = logging.getLogger('dense_signs')
 BOOTSTRAP = 1000  # resamples of the test scenes for the intervals
-
-
-# --------------------------------------------------------------------------------------------
-# selections
-
-
-def random_selection(model: nn.Module, seed: int = 0):
-    """A forward hook on `model.topk` that replaces the selector's choice by as many random patches."""
-    generator = torch.Generator().manual_seed(seed)
-
-    def hook(topk, args, indices):
-        return torch.rand(args[0].shape, generator=generator).topk(indices.shape[1], dim=1).indices  # (B, k)
-    return model.topk.register_forward_hook(hook)
-
-
-def sign_first_selection(model: nn.Module, under_signs: torch.Tensor):
-    """A forward hook on `model.topk` that chooses the patches holding a sign first ((n, N) bool, the scenes in
-    the order they are given), then the selector's own top scores: an oracle, what bounds a better selector."""
-    cursor = [0]
-
-    def hook(topk, args, indices):
-        scores = args[0]  # (B, N)
-        first = under_signs[cursor[0]:cursor[0] + len(scores)]
-        cursor[0] += len(scores)
-        ranked = scores.softmax(dim=1) + first.to(scores.dtype)  # sign patches above every other
-        return ranked.topk(indices.shape[1], dim=1).indices
-    return model.topk.register_forward_hook(hook)
 
 
 # --------------------------------------------------------------------------------------------
@@ -131,20 +105,17 @@ def stage_evaluate(args, cfg: RunConfig) -> Dict[str, Any]:
                  gflops=gflops(lowres, cfg.img_size), time='lowres')]
     per_scene[rows[0]['model']], per_scene[rows[1]['model']] = confusions(teacher, test), confusions(lowres, test)
     timed = dict(teacher=teacher, lowres=lowres)
-    selections = {  # row label: the hook on model.topk that makes the choice (None: LookWhere's own)
-        'LookWhere selection': lambda model: None,
-        'random selection': random_selection,
-        'oracle selection (sign patches first)': lambda model: sign_first_selection(model, under_signs),
+    selections = {  # row label: what makes the choice while the model runs (nullcontext: LookWhere's own)
+        'LookWhere selection': lambda model: contextlib.nullcontext(),
+        'random selection': RandomSelection,
+        'oracle selection (sign patches first)': lambda model: PreferredSelection(model, under_signs),
     }
     for ratio in K_RATIOS:
         model = load_lookwhere(export_path(args.output, cfg), cfg, k_ratio=ratio)
         for label, select in selections.items():
             _logger.info(f'evaluating {label} at k={ratio:.0%}')
-            handle = select(model.backbone)
-            with SelectionRecorder(model.backbone) as rec:
+            with select(model.backbone), SelectionRecorder(model.backbone) as rec:
                 per_row = confusions(model, test)
-            if handle is not None:
-                handle.remove()
             chosen = torch.zeros_like(under_signs)  # (n, N)
             chosen.scatter_(1, torch.cat([r['indices'] for r in rec.records]), True)
             seen = (chosen & under_signs).sum(1) / under_signs.sum(1).clamp(min=1)  # (n,)

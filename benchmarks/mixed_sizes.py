@@ -30,9 +30,7 @@ import json
 import math
 import random
 import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -41,9 +39,12 @@ import torch.nn.functional as F
 
 import timm
 import timm_lookwhere  # noqa: F401  (registers the LookWhere models)
+from timm_lookwhere.cost import (
+    MEMORY_CHILD_FLAG, count_flops, peak_memory_in_fresh_process, report_peak_memory, time_call, time_in_turns,
+)
 
 from report import save_results
-from speed import log, machine_info, peak_rss_growth_mb
+from speed import log, machine_info
 
 LOOKWHERE = 'lookwhere_vitb_518'
 SMALL = 'lookwhere_vitt16_512'  # a ViT-Tiny-class LookWhere (the shipped sign model's size): little work per call
@@ -76,7 +77,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument('--tiny', action='store_true', help='a tiny random architecture on small images')
     parser.add_argument('--threads', type=int, help="torch.set_num_threads (default: torch's own)")
     parser.add_argument('--out', type=Path, default=Path(__file__).resolve().parent / 'results')
-    parser.add_argument('--memory-child', help=argparse.SUPPRESS)  # internal: one memory probe
+    parser.add_argument(MEMORY_CHILD_FLAG, help=argparse.SUPPRESS)  # internal: one memory probe
     args = parser.parse_args(argv)
     if args.quick:
         args.images, args.reps, args.memory = 16, 1, False
@@ -131,8 +132,7 @@ def build_models(args: argparse.Namespace) -> Dict[str, torch.nn.Module]:
     models = dict(
         fixed_k=timm.create_model(LOOKWHERE, k=tiny_k(args), **lookwhere),
         k_ratio=timm.create_model(LOOKWHERE, k_ratio=args.k_ratio, **lookwhere),
-        vit=timm.create_model(VIT, dynamic_img_size=True, dynamic_img_pad=True, num_classes=1000,
-                              **(TINY_VIT if args.tiny else {})),
+        vit=create_vit(args),
         naflex=timm.create_model(NAFLEX, num_classes=1000, **(TINY_NAFLEX if args.tiny else {})),
         small_fixed_k=timm.create_model(SMALL, k=tiny_k(args), **dict(lookwhere, **(TINY_SMALL if args.tiny else {}))),
     )
@@ -144,11 +144,16 @@ def tiny_k(args: argparse.Namespace) -> int:
     return 16 if args.tiny else args.k
 
 
-def vit_tflop(height: int, width: int, depth: int = 12, dim: int = 768, patch: int = 14, prefix: int = 5) -> float:
-    """TFLOPs of one call of a ViT on every patch (2 per multiply-add): per block, the linear layers 24 N D^2
-    and attention 4 N^2 D, N the patches plus prefix tokens; the patch embedding beside them."""
-    n = math.ceil(height / patch) * math.ceil(width / patch) + prefix
-    return (depth * (24 * n * dim ** 2 + 4 * n ** 2 * dim) + 2 * n * dim * 3 * patch ** 2) / 1e12
+def create_vit(args: argparse.Namespace) -> torch.nn.Module:
+    """timm's ViT on every patch of an image of any size (padded to whole patches)."""
+    return timm.create_model(VIT, dynamic_img_size=True, dynamic_img_pad=True, num_classes=1000,
+                             **(TINY_VIT if args.tiny else {}))
+
+
+def vit_tflop(meta_vit: torch.nn.Module, size: Tuple[int, int]) -> float:
+    """TFLOPs of one call of timm's ViT (built on the meta device, where counting is free) on an image of `size`,
+    attention included."""
+    return count_flops(meta_vit, torch.empty(1, 3, *size, device='meta')) / 1e12
 
 
 def resize_to(image: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
@@ -210,18 +215,11 @@ def low_res_copy(model: torch.nn.Module, image: torch.Tensor) -> torch.Tensor:
 
 
 def time_passes(runs: Dict[str, Callable[[], None]], reps: int) -> Dict[str, List[float]]:
-    """Seconds per pass of each method; the methods take turns, so load from elsewhere falls on all alike."""
-    seconds: Dict[str, List[float]] = {name: [] for name in runs}
+    """Seconds per pass of each method after a warm-up pass; the methods take turns, so load from elsewhere falls
+    on all alike."""
     with torch.inference_mode():
-        for name, run in runs.items():  # warm-up: first calls allocate and pick kernels
-            run()
-        for rep in range(reps):
-            for name, run in runs.items():
-                start = time.perf_counter()
-                run()
-                seconds[name].append(time.perf_counter() - start)
-                log(f'pass {rep + 1}/{reps} {name}: {seconds[name][-1]:.1f} s')
-    return seconds
+        return time_in_turns(runs, reps, report=lambda rep, name, seconds: log(
+            f'pass {rep + 1}/{reps} {name}: {seconds:.1f} s'))
 
 
 def same_size_limit(models: Dict[str, torch.nn.Module], images: List[torch.Tensor], reps: int) -> Dict[str, object]:
@@ -241,8 +239,9 @@ def same_size_limit(models: Dict[str, torch.nn.Module], images: List[torch.Tenso
 def vit_times(vit: torch.nn.Module, images: List[torch.Tensor], args) -> List[Dict[str, object]]:
     """timm's ViT on each image at its own size: measured where a call costs at most --max-vit-tflop (the cheapest
     --max-vit-measured), estimated for the rest at the seconds per TFLOP of the largest measured ones."""
-    depth, dim = len(vit.blocks), vit.embed_dim
-    rows = [dict(index=i, size=tuple(x.shape[1:]), tflop=vit_tflop(*x.shape[1:], depth=depth, dim=dim))
+    with torch.device('meta'):
+        meta_vit = create_vit(args).eval()
+    rows = [dict(index=i, size=tuple(x.shape[1:]), tflop=vit_tflop(meta_vit, tuple(x.shape[1:])))
             for i, x in enumerate(images)]
     cheap = sorted((r for r in rows if r['tflop'] <= args.max_vit_tflop), key=lambda r: r['tflop'])
     measured = cheap[:args.max_vit_measured] if args.max_vit_measured else []
@@ -250,9 +249,7 @@ def vit_times(vit: torch.nn.Module, images: List[torch.Tensor], args) -> List[Di
         for row in measured:
             x = images[row['index']][None]
             vit(x)  # warm-up at this size
-            start = time.perf_counter()
-            vit(x)
-            row['seconds'], row['measured'] = time.perf_counter() - start, True
+            row['seconds'], row['measured'] = time_call(lambda: vit(x)), True
             log(f"vit {row['size'][0]}x{row['size'][1]}: {row['seconds']:.2f} s ({row['tflop']:.3f} TFLOP)")
     if not measured:
         raise SystemExit('no image is cheap enough to measure timm\'s ViT on: raise --max-vit-tflop')
@@ -276,14 +273,11 @@ def memory_child(spec: str) -> None:
     images = make_images(image_sizes(args.images, args.seed, args.tiny), args.seed)
     runs = passes(build_models(args), images, args)
     with torch.inference_mode():
-        print(json.dumps(peak_rss_growth_mb(runs[spec['method']])))
+        report_peak_memory(runs[spec['method']])
 
 
 def measure_memory(method: str, argv: Sequence[str]) -> Dict[str, object]:
-    spec = json.dumps(dict(method=method, argv=list(argv)))
-    result = subprocess.run([sys.executable, __file__, '--memory-child', spec], capture_output=True, text=True,
-                            check=True)
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    return peak_memory_in_fresh_process(__file__, dict(method=method, argv=list(argv)))
 
 
 # --------------------------------------------------------------------------------------------

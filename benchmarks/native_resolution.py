@@ -18,22 +18,24 @@ native_resolution.{json,md,png} to --out.
     python benchmarks/native_resolution.py --device cuda --amp
 """
 import argparse
+import functools
 import json
 import os
 import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
-from typing import Callable, Dict, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 import timm
 import timm_lookwhere  # noqa: F401  (registers the LookWhere models)
+from timm_lookwhere.cost import (
+    MEMORY_CHILD_FLAG, count_flops, peak_memory_in_fresh_process, report_peak_memory, time_in_turns,
+)
 
 from report import save_results
-from speed import add_device_arguments, autocast, log, machine_info, peak_growth_mb, spread, synchronize
+from speed import add_device_arguments, autocast, log, machine_info, spread
 
 LOOKWHERE = 'lookwhere_vitb_518'
 VIT = 'vit_base_patch14_reg4_dinov2'
@@ -58,7 +60,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument('--tiny', action='store_true', help='a tiny random architecture: checks the script only')
     parser.add_argument('--threads', type=int, help="torch.set_num_threads (default: torch's own)")
     parser.add_argument('--out', type=Path, default=Path(__file__).resolve().parent / 'results')
-    parser.add_argument('--memory-child', help=argparse.SUPPRESS)  # internal: one memory probe
+    parser.add_argument(MEMORY_CHILD_FLAG, help=argparse.SUPPRESS)  # internal: one memory probe
     add_device_arguments(parser)
     args = parser.parse_args(argv)
     if args.quick:
@@ -102,12 +104,9 @@ def call_for(model: torch.nn.Module, kind: str, k_ratio: Optional[float], output
 
 def vit_tflop(size: Tuple[int, int], args: argparse.Namespace) -> float:
     """A full ViT call's TFLOPs, counted on the meta device (attention included)."""
-    from torch.utils.flop_counter import FlopCounterMode
     with torch.device('meta'):
         model = timm.create_model(VIT, dynamic_img_size=True, **(TINY_VIT if args.tiny else {})).eval()
-        with FlopCounterMode(display=False) as counter:
-            model(torch.empty(1, 3, *size))
-    return counter.get_total_flops() / 1e12
+        return count_flops(model, torch.empty(1, 3, *size)) / 1e12
 
 
 def parameter_mb(model: torch.nn.Module) -> float:
@@ -124,33 +123,28 @@ def memory_child(spec: str) -> None:
     model = build(spec['kind'], size, args)
     call = call_for(model, spec['kind'], spec['k_ratio'], spec['output'])
     x = torch.randn(1, 3, *size, device=args.device)
-    with torch.inference_mode():
-        result = peak_growth_mb(lambda: call(x), args)
-    print(json.dumps(result))
+    with torch.inference_mode(), autocast(args):
+        report_peak_memory(lambda: call(x), args.device)
 
 
 def measure_memory(kind: str, size, k_ratio, output: str, args: argparse.Namespace) -> Optional[Dict[str, float]]:
     """Median over --memory-probes fresh processes: `call` (MB one call adds) and `process` (its peak)."""
     child_args = dict(device=args.device, amp=args.amp, tiny=args.tiny, threads=args.threads)
-    spec = json.dumps(dict(kind=kind, size=list(size), k_ratio=k_ratio, output=output, args=child_args))
-    probes = []
-    for _ in range(args.memory_probes):
-        proc = subprocess.run([sys.executable, __file__, '--memory-child', spec], capture_output=True, text=True)
-        if proc.returncode != 0:
-            log(f'memory probe failed for {kind} {size}: {proc.stderr.strip().splitlines()[-1:]}')
-            return None
-        probes.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    spec = dict(kind=kind, size=list(size), k_ratio=k_ratio, output=output, args=child_args)
+    try:
+        probes = [peak_memory_in_fresh_process(__file__, spec) for _ in range(args.memory_probes)]
+    except RuntimeError as e:
+        log(f'{kind} {size}: {e}')
+        return None
     return dict(call=statistics.median(p['peak_mb'] for p in probes),
                 process=statistics.median(p['process_peak_mb'] for p in probes))
 
 
-def timed(call: Callable, x: torch.Tensor, args: argparse.Namespace) -> float:
+def timed_in_turns(calls: Dict[str, Callable], x: torch.Tensor, args: argparse.Namespace) -> Dict[str, List[float]]:
+    """Seconds of --reps calls of each on `x`, taking turns (order reversed every other rep), after a warm-up."""
     with torch.inference_mode(), autocast(args):
-        synchronize(args.device)
-        start = time.perf_counter()
-        call(x)
-        synchronize(args.device)
-    return time.perf_counter() - start
+        return time_in_turns({name: functools.partial(call, x) for name, call in calls.items()}, args.reps,
+                             alternate=True, device=args.device)
 
 
 def run(args: argparse.Namespace) -> Dict[str, object]:
@@ -168,12 +162,7 @@ def run(args: argparse.Namespace) -> Dict[str, object]:
             for output in args.outputs:
                 calls = {kind: call_for(model, kind, k_ratio, output) for kind, model in
                          (('dynamic', dynamic), ('fixed', fixed))}
-                for call in calls.values():  # warm-up: allocations and first-call costs are not timed
-                    timed(call, x, args)
-                samples = {kind: [] for kind in calls}
-                for rep in range(args.reps):
-                    for kind in (calls if rep % 2 == 0 else list(calls)[::-1]):
-                        samples[kind].append(timed(calls[kind], x, args))
+                samples = timed_in_turns(calls, x, args)
                 row = dict(size=list(size), megapixels=size[0] * size[1] / 1e6, patches=patches, k_ratio=k_ratio,
                            k=dynamic.topk.num_keep(patches), output=output,
                            dynamic=spread(samples['dynamic']), fixed=spread(samples['fixed']),
@@ -189,8 +178,7 @@ def run(args: argparse.Namespace) -> Dict[str, object]:
         cost = vit_tflop(size, args)
         if cost <= args.max_vit_tflop:
             vit = vit or build('vit', size, args)
-            timed(vit, x, args)
-            seconds = [timed(vit, x, args) for _ in range(args.reps)]
+            seconds = timed_in_turns(dict(vit=vit), x, args)['vit']
             row = dict(size=list(size), megapixels=size[0] * size[1] / 1e6, patches=patches, model='vit',
                        tflop=cost, seconds=spread(seconds), params_mb=parameter_mb(vit))
             if args.memory:

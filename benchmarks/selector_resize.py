@@ -19,13 +19,12 @@ and the model's accuracy.
     python benchmarks/selector_resize.py --scenes 50 --sizes 256 512 --output /tmp/resize
 """
 import argparse
+import contextlib
 import json
 import os
 import sys
-import time
 from typing import Dict, List
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
@@ -33,6 +32,7 @@ from tqdm import tqdm
 
 import timm
 import timm_lookwhere  # noqa: F401  (registers the models)
+from timm_lookwhere.cost import median_latency_ms
 from timm_lookwhere.scenes import SceneTensors, SparseSigns, sign_patches_seen
 
 MODEL = 'lookwhere_vitt16_256.sparse_signs'
@@ -40,17 +40,20 @@ MODES = ('bilinear', 'antialiased', 'area')
 SEED = 11  # a test-scene seed of its own
 
 
+@contextlib.contextmanager
 def low_res_mode(model: torch.nn.Module, mode: str):
-    """Make the selector's low-res copy with `mode`; returns a handle to undo it (or None)."""
-    model.selector.antialias = mode == 'antialiased'
-    if mode != 'area':
-        return None
-    size = model.selector.img_size
-
-    def area_first(selector, args):  # the selector's own bilinear resize of a copy at its size is the identity
-        x, out_size, _ = args
-        return F.interpolate(x, size=size, mode='area'), out_size, False
-    return model.selector.register_forward_pre_hook(area_first)
+    """The selector's low-res copy made with `mode` while the block lasts (the scenes are whole patches and
+    normalised floats, so the copy is a plain resize of them)."""
+    selector = model.selector
+    antialias = selector.antialias
+    selector.antialias = mode == 'antialiased'
+    if mode == 'area':  # an instance attribute: it shadows the method until popped
+        selector.low_res_copy = lambda x, grid_size, mean, std: F.interpolate(x, size=selector.img_size, mode='area')
+    try:
+        yield
+    finally:
+        selector.antialias = antialias
+        selector.__dict__.pop('low_res_copy', None)
 
 
 def normalize(images: torch.Tensor, cfg: Dict) -> torch.Tensor:
@@ -70,11 +73,9 @@ def measure(model, size: int, args) -> Dict[str, Dict[str, float]]:
     for images, labels, boxes in tqdm(loader, desc=f'{size} px scenes', unit='batch', file=sys.stdout):
         x = normalize(images, model.pretrained_cfg)
         for mode in MODES:
-            handle = low_res_mode(model, mode)
-            out = model.forward_all(x)
-            logits = model.forward_head(out['tokens'])
-            if handle is not None:
-                handle.remove()
+            with low_res_mode(model, mode):
+                out = model.forward_all(x)
+                logits = model.forward_head(out['tokens'])
             seen[mode].append(sign_patches_seen(out['indices'], boxes, grid, patch))
             correct[mode] += int((logits.argmax(1) == labels).sum())
     n = args.scenes
@@ -95,15 +96,8 @@ def selector_ms_on_4k(model, runs: int = 5) -> Dict[str, float]:
     x = torch.randn(1, 3, 2160, 3840)
     out = {}
     for mode in MODES:
-        handle = low_res_mode(model, mode)
-        times = []
-        for _ in range(runs + 1):
-            start = time.perf_counter()
-            model.forward_selection(x)
-            times.append(time.perf_counter() - start)
-        if handle is not None:
-            handle.remove()
-        out[mode] = 1e3 * float(np.median(times[1:]))
+        with low_res_mode(model, mode):
+            out[mode] = median_latency_ms({mode: model.forward_selection}, x, runs)[mode]  # after one warm-up call
     return out
 
 

@@ -5,16 +5,18 @@ Reads the folder of a run of the sparse-signs recipe (`python -m timm_lookwhere.
 which trains the teacher, distils, fine-tunes, trains the low-res baseline and exports), in the
 configuration that run used (its run.json), and measures on the held-out test scenes, from the exported
 files: accuracy, GFLOPs (attention counted), CPU latency at batch 1 and 64, random selection at the same
-k (a forward hook on `model.topk` replaces LookWhere's choice), and an oracle that takes the patches under
-the sign first (what the extractor could do with a perfect selector). It writes OUTPUT/results.json,
-results.md and results.png, and adds the `evaluate` stage's time to OUTPUT/timings.json; done once, it
-is skipped (`--redo` measures again). `--lever-table` compares lever runs by their validation figures.
+k (`RandomSelection`, a forward hook on `model.topk`, replaces LookWhere's choice), and an oracle that takes
+the patches under the sign first (`PreferredSelection`: what the extractor could do with a perfect
+selector). It writes OUTPUT/results.json, results.md and results.png, and adds the `evaluate` stage's
+time to OUTPUT/timings.json; done once, it is skipped (`--redo` measures again). `--lever-table` compares
+lever runs by their validation figures.
 
     python -m timm_lookwhere.recipes.sparse_signs --output runs/sparse_signs_512 --ship   # train first
     python benchmarks/sparse_signs.py --output runs/sparse_signs_512                     # about 5 min on 2 cores
     python benchmarks/sparse_signs.py --lever-table runs/sparse_signs_512 runs/ss512_*
 """
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
@@ -27,7 +29,7 @@ from typing import Any, Dict, Sequence
 import torch
 import torch.nn as nn
 
-from timm_lookwhere import SelectionRecorder
+from timm_lookwhere import PreferredSelection, RandomSelection, SelectionRecorder
 from timm_lookwhere.cost import median_latency_ms
 from timm_lookwhere.scenes import CLASS_NAMES, patches_under_box, sign_patches_seen
 from timm_lookwhere.recipes.sparse_signs import K_RATIOS, LowResViT, RunConfig, accuracy, build_teacher, \
@@ -38,35 +40,6 @@ _logger = logging.getLogger('sparse_signs')  # the recipe's: one run.log
 
 # --------------------------------------------------------------------------------------------
 # evaluation
-
-
-def random_selection(model: nn.Module, seed: int = 0):
-    """A forward hook on `model.topk` that replaces the selector's choice by as many random patches."""
-    generator = torch.Generator().manual_seed(seed)
-
-    def hook(topk, args, indices):
-        scores = torch.rand(args[0].shape, generator=generator)  # (B, N)
-        return scores.topk(indices.shape[1], dim=1).indices
-    return model.topk.register_forward_hook(hook)
-
-
-def sign_first_selection(model: nn.Module, boxes: torch.Tensor, patch: int):
-    """A forward hook on `model.topk` that chooses the patches under each scene's sign box first, then the
-    selector's own top scores: what the extractor could do with a perfect selector (an oracle, for
-    finding what bounds the accuracy). The scenes must come in order, as `predict` gives them."""
-    grid = model.grid_size
-    under = torch.zeros(len(boxes), grid[0] * grid[1], dtype=torch.bool)  # (n, N)
-    for i, box in enumerate(boxes.tolist()):
-        under[i, list(patches_under_box(box, grid, patch))] = True
-    cursor = [0]
-
-    def hook(topk, args, indices):
-        scores = args[0]  # (B, N)
-        first = under[cursor[0]:cursor[0] + len(scores)]
-        cursor[0] += len(scores)
-        ranked = scores.softmax(dim=1) + first.to(scores.dtype)  # sign patches above every other
-        return ranked.topk(indices.shape[1], dim=1).indices
-    return model.topk.register_forward_hook(hook)
 
 
 def latencies(models: Dict[str, nn.Module], runs: int, batch_size: int, img_size: int) -> Dict[str, float]:
@@ -93,10 +66,11 @@ def stage_evaluate(args, cfg: RunConfig) -> Dict[str, Any]:
     rows.append(dict(model=f'low-res ViT ({lowres.img_size} px copy)', patches=(lowres.img_size // patch) ** 2,
                      acc=accuracy(lowres, test), gflops=gflops(lowres, cfg.img_size)))
     timed = dict(teacher=teacher, lowres=lowres)
-    selections = {  # row label: the hook on model.topk that makes the choice (None: LookWhere's own)
-        'LookWhere selection': lambda model: None,
-        'random selection': random_selection,
-        "oracle selection (the sign's patches first)": lambda model: sign_first_selection(model, test['boxes'], patch),
+    selections = {  # row label: what makes the choice while the model runs (nullcontext: LookWhere's own)
+        'LookWhere selection': lambda model: contextlib.nullcontext(),
+        'random selection': RandomSelection,
+        "oracle selection (the sign's patches first)": lambda model: PreferredSelection(
+            model, [patches_under_box(box, model.grid_size, patch) for box in test['boxes'].tolist()]),
     }
     for ratio in K_RATIOS:
         overlay = dict(file=export_path(args.output, cfg, 'finetune'))
@@ -104,11 +78,8 @@ def stage_evaluate(args, cfg: RunConfig) -> Dict[str, Any]:
                                  pretrained_cfg_overlay=overlay).eval()
         for label, select in selections.items():
             _logger.info(f'evaluating {label} at k={ratio:.0%}')
-            handle = select(model)
-            with SelectionRecorder(model) as rec:
+            with select(model), SelectionRecorder(model) as rec:
                 acc = accuracy(model, test)
-            if handle is not None:
-                handle.remove()
             indices = torch.cat([r['indices'] for r in rec.records])
             rows.append(dict(model=f'{label}, k = {ratio:.0%}', patches=model.k, acc=acc,
                              gflops=gflops(model, cfg.img_size),

@@ -22,7 +22,6 @@ import math
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -30,10 +29,12 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
-from torch.utils.flop_counter import FlopCounterMode
 
 import timm
 import timm_lookwhere  # noqa: F401  (registers the LookWhere models)
+from timm_lookwhere.cost import (
+    SpanRecorder, clock, flop_breakdown, peak_memory_in_fresh_process, report_peak_memory, time_in_turns,
+)
 
 BASELINE = 'vit_base_patch14_reg4_dinov2'
 LOOKWHERE = 'lookwhere_vitb_518'
@@ -138,12 +139,6 @@ def autocast(args: argparse.Namespace):
     if not args.amp:
         return contextlib.nullcontext()
     return torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16)
-
-
-def synchronize(device: str) -> None:
-    """Wait for queued GPU work, so a clock read after it times the work itself."""
-    if torch.device(device).type == 'cuda':
-        torch.cuda.synchronize(device)
 
 
 def fill_defaults(args: argparse.Namespace) -> argparse.Namespace:
@@ -296,7 +291,7 @@ class TrainStep:
 
 
 # ------------------------------------------------------------------------------------------------
-# FLOPs (meta device: nothing is computed) and peak memory (a fresh process per configuration)
+# FLOPs (meta device: nothing is computed) and peak memory (a fresh process per configuration), by cost.py
 
 
 def count_flops(cand: Candidate, task: str, batch: int, meta_zoo: ModelZoo) -> Dict[str, int]:
@@ -309,71 +304,20 @@ def count_flops(cand: Candidate, task: str, batch: int, meta_zoo: ModelZoo) -> D
 @functools.lru_cache(maxsize=None)
 def _count_flops_per_image(cand: Candidate, task: str, meta_zoo: ModelZoo) -> Dict[str, int]:
     x = torch.empty(1, 3, cand.size, cand.size, device='meta')
-    spans = {}
-    with FlopCounterMode(display=False) as counter:
-        if task == 'train':
-            step = TrainStep(cand, meta_zoo)
-            loss = F.cross_entropy(step.forward(x), torch.zeros(1, dtype=torch.long, device='meta'))
-            loss.backward()
-            step.model.eval()
-        elif cand.family == 'lookwhere':
-            with SpanRecorder(meta_zoo.lookwhere(cand.size), clock=counter.get_total_flops) as recorder:
-                inference_call(cand, meta_zoo)(x)
-            spans = recorder.spans
-        else:
-            inference_call(cand, meta_zoo)(x)
-    return dict(total=counter.get_total_flops(), **spans)
+    if task == 'train':
+        step = TrainStep(cand, meta_zoo)
+        flops = flop_breakdown(
+            lambda: F.cross_entropy(step.forward(x), torch.zeros(1, dtype=torch.long, device='meta')).backward())
+        step.model.eval()
+        return flops
+    call = inference_call(cand, meta_zoo)
+    return flop_breakdown(lambda: call(x), lookwhere_parts(meta_zoo.lookwhere(cand.size))
+                          if cand.family == 'lookwhere' else None)
 
 
-def _read_status_kib(field: str) -> Optional[int]:
-    try:
-        for line in Path('/proc/self/status').read_text().splitlines():
-            if line.startswith(field + ':'):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def peak_rss_growth_mb(run: Callable[[], object]) -> Dict[str, object]:
-    """Resident memory the call adds at its peak: VmHWM (reset first) minus VmRSS before it."""
-    try:
-        Path('/proc/self/clear_refs').write_text('5')  # resets the high-water mark (Linux)
-        method = 'VmHWM - VmRSS (/proc, Linux)'
-    except OSError:
-        method = None
-    before = _read_status_kib('VmRSS')
-    if method is None or before is None:  # elsewhere: the process-wide peak, an upper bound
-        import resource
-        run()
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return dict(peak_mb=peak / 1024, method='ru_maxrss of the process (upper bound)')
-    run()
-    peak = _read_status_kib('VmHWM')
-    # the process's own peak too: the model's parameters and the call's working memory together
-    return dict(peak_mb=(peak - before) / 1024, process_peak_mb=peak / 1024, method=method)
-
-
-def cuda_peak_growth_mb(run: Callable[[], object], device: str) -> Dict[str, object]:
-    """GPU memory the call adds at its peak, from the CUDA caching allocator's statistics."""
-    synchronize(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    before = torch.cuda.memory_allocated(device)
-    run()
-    synchronize(device)
-    peak = torch.cuda.max_memory_allocated(device)
-    return dict(peak_mb=(peak - before) / 2 ** 20, process_peak_mb=peak / 2 ** 20,
-                method='max_memory_allocated - memory_allocated (CUDA)')
-
-
-def peak_growth_mb(run: Callable[[], object], args: argparse.Namespace) -> Dict[str, object]:
-    """Peak memory one call adds: resident memory on the CPU, the allocator's on a GPU; under --amp if set."""
-    def call():
-        with autocast(args):
-            return run()
-    if torch.device(args.device).type == 'cuda':
-        return cuda_peak_growth_mb(call, args.device)
-    return peak_rss_growth_mb(call)
+def lookwhere_parts(model: torch.nn.Module) -> Dict[str, torch.nn.Module]:
+    """The parts of a LookWhere call whose time and FLOPs are reported: the selector and the extractor's blocks."""
+    return dict(selector=model.selector, blocks=model.blocks)
 
 
 def memory_child(spec: str) -> None:
@@ -388,22 +332,22 @@ def memory_child(spec: str) -> None:
     if spec['task'] == 'train':
         step = TrainStep(cand, zoo)
         labels = torch.randint(0, NUM_CLASSES, (spec['batch'],), device=args.device)
-        result = peak_growth_mb(lambda: step(x, labels), args)
+        with autocast(args):
+            report_peak_memory(lambda: step(x, labels), args.device)
     else:
         call = inference_call(cand, zoo)
-        with torch.inference_mode():
-            result = peak_growth_mb(lambda: call(x), args)
-    print(json.dumps(result))
+        with torch.inference_mode(), autocast(args):
+            report_peak_memory(lambda: call(x), args.device)
 
 
 def measure_memory(cand: Candidate, group: Group, args: argparse.Namespace) -> Optional[Dict[str, object]]:
-    spec = json.dumps(dict(candidate=dataclasses.asdict(cand), task=group.task, batch=group.batch,
-                           tiny=args.tiny, threads=args.threads, device=args.device, amp=args.amp))
-    proc = subprocess.run([sys.executable, __file__, '--memory-child', spec], capture_output=True, text=True)
-    if proc.returncode != 0:
-        log(f'memory probe failed for {cand.key}: {proc.stderr.strip().splitlines()[-1:]}')
+    spec = dict(candidate=dataclasses.asdict(cand), task=group.task, batch=group.batch, tiny=args.tiny,
+                threads=args.threads, device=args.device, amp=args.amp)
+    try:
+        return peak_memory_in_fresh_process(__file__, spec)
+    except RuntimeError as e:
+        log(f'{cand.key}: {e}')
         return None
-    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def wants_memory(cand: Candidate, args: argparse.Namespace, flops_per_call: float) -> bool:
@@ -424,93 +368,47 @@ def log(message: str) -> None:
     print(f'[{time.perf_counter() - _START:7.1f}s] {message}', file=sys.stderr, flush=True)
 
 
-class SpanRecorder:
-    """Reads `clock` around LookWhere's selector and extractor blocks, by forward hooks: with
-    time.perf_counter it times them inside a call, with a FlopCounterMode's total it counts their FLOPs."""
-
-    def __init__(self, model: torch.nn.Module, clock: Callable[[], float] = time.perf_counter):
-        self.model = model
-        self.clock = clock
-        self.spans: Dict[str, float] = {}
-
-    def __enter__(self) -> 'SpanRecorder':
-        self._handles = []
-        for name, module in (('selector', self.model.selector), ('blocks', self.model.blocks)):
-            self._handles.append(module.register_forward_pre_hook(self._start(name)))
-            self._handles.append(module.register_forward_hook(self._stop(name)))
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for handle in self._handles:
-            handle.remove()
-
-    def _start(self, name):
-        def hook(module, args):
-            self.spans[name] = -self.clock()
-        return hook
-
-    def _stop(self, name):
-        def hook(module, args, output):
-            self.spans[name] += self.clock()
-        return hook
-
-
 def time_group(group: Group, zoo: ModelZoo, skip: Dict[str, str], args: argparse.Namespace,
                flops: Dict[str, int]) -> Dict[str, Dict[str, List[float]]]:
-    """Times every candidate `reps` times, alternating them (order reversed every other rep)."""
+    """Times every candidate `reps` times, taking turns (order reversed every other rep); for LookWhere inference
+    also the selector's and the extractor blocks' share of each call."""
     torch.manual_seed(0)
     x = torch.randn(group.batch, 3, group.size, group.size, device=args.device)
     labels = torch.randint(0, NUM_CLASSES, (group.batch,), device=args.device)
-    active = [c for c in group.candidates if c.key not in skip]
-    calls = {c.key: make_call(c, group, zoo, x, labels, args) for c in active}
-    samples = {c.key: dict(seconds=[], selector=[], blocks=[]) for c in active}
-    for cand in active:  # warm-up: first-call costs (allocations, kernel selection) are not timed
-        if flops[cand.key]['total'] < args.warmup_below_tflop * 1e12:
-            calls[cand.key]()
-    for rep in range(args.reps):
-        order = active if rep % 2 == 0 else active[::-1]
-        for cand in order:
-            seconds, spans = calls[cand.key]()
-            samples[cand.key]['seconds'].append(seconds)
-            for name, value in spans.items():
-                samples[cand.key][name].append(value)
-            log(f'{group.title}: rep {rep + 1}/{args.reps} {label(cand, zoo)}: {seconds:.3f} s')
+    active = {c.key: c for c in group.candidates if c.key not in skip}
+    calls = {key: make_call(cand, group, zoo, x, labels) for key, cand in active.items()}
+    samples = {key: dict(seconds=[], selector=[], blocks=[]) for key in active}
+    spanned = {key for key, c in active.items() if group.task == 'infer' and c.family == 'lookwhere'}
+    spans = SpanRecorder(lookwhere_parts(zoo.lookwhere(group.size)) if spanned else {},  # one model per size
+                         clock=lambda: clock(args.device))
+
+    def record(rep: int, key: str, seconds: float) -> None:
+        samples[key]['seconds'].append(seconds)
+        if key in spanned:
+            for name, value in spans.spans.items():
+                samples[key][name].append(value)
+        log(f'{group.title}: rep {rep + 1}/{args.reps} {label(active[key], zoo)}: {seconds:.3f} s')
+
+    grad = torch.inference_mode() if group.task == 'infer' else contextlib.nullcontext()
+    with grad, autocast(args), spans:
+        for key in active:  # warm-up: first-call costs (allocations, kernel selection) are not timed
+            if flops[key]['total'] < args.warmup_below_tflop * 1e12:
+                calls[key]()
+        time_in_turns(calls, args.reps, warmup=0, alternate=True, device=args.device, report=record)
     if group.task == 'train':
         zoo.keep_only([])  # the trained models are not reused for inference
     return samples
 
 
-def make_call(cand: Candidate, group: Group, zoo: ModelZoo, x: torch.Tensor, labels: torch.Tensor,
-              args: argparse.Namespace):
-    """A closure that runs the candidate once and returns (seconds, {span: seconds})."""
-    def clock() -> float:
-        synchronize(args.device)
-        return time.perf_counter()
-
+def make_call(cand: Candidate, group: Group, zoo: ModelZoo, x: torch.Tensor,
+              labels: torch.Tensor) -> Callable[[], object]:
+    """A closure that runs the candidate once: a training step, or the forward a user runs (the caller sets
+    inference mode and autocast)."""
     if group.task == 'train':
         step = TrainStep(cand, zoo)
-
-        def train_call():
-            start = clock()
-            with autocast(args):
-                step(x, labels)
-            return clock() - start, {}
-        return train_call
+        return lambda: step(x, labels)
     call = inference_call(cand, zoo)
-    model = zoo.lookwhere(cand.size) if cand.family == 'lookwhere' else None
-
-    def infer_call():
-        with torch.inference_mode(), autocast(args):
-            if model is None:
-                start = clock()
-                call(x)
-                return clock() - start, {}
-            with SpanRecorder(model, clock=clock) as timer:
-                start = clock()
-                call(x)
-                seconds = clock() - start
-            return seconds, dict(timer.spans)
-    return infer_call
+    return lambda: call(x)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ import os
 import sys
 import tempfile
 from collections import defaultdict
+from typing import Optional, Sequence
 
 import torch
 
@@ -24,12 +25,13 @@ def half(tree):
     return {k: half(v) if isinstance(v, dict) else v.half() for k, v in tree.items()}
 
 
-def write_cache(cache: str) -> list:
-    """Write the files; returns (repo, filename, architecture) for each."""
+def write_cache(cache: str, filenames: Optional[Sequence[str]] = None) -> list:
+    """Write the files (only those named in `filenames`, when given); returns (repo, filename, architecture) for
+    each."""
     files = defaultdict(list)  # (repo, filename) -> the tags that load it
     for name in list_pretrained('lookwhere_*'):
         cfg = get_pretrained_cfg(name)
-        if cfg.hf_hub_id and cfg.hf_hub_filename:
+        if cfg.hf_hub_id and cfg.hf_hub_filename and (filenames is None or cfg.hf_hub_filename in filenames):
             files[(cfg.hf_hub_id, cfg.hf_hub_filename)].append(name)
     written = []
     for repo in sorted({repo for repo, _ in files}):

@@ -1,12 +1,21 @@
-"""benchmarks/speed.py: its arguments, its plan, and one tiny configuration end to end (numbers not checked)."""
+"""What the benchmarks measure with (timm_lookwhere/cost.py: FLOPs, latency, memory), and the benchmarks: speed.py's
+arguments and plan, and each one's tiny configuration end to end (numbers not checked)."""
 import json
 import runpy
 import sys
+import time
 import types
 from pathlib import Path
 
 import pytest
 import torch
+import torch.nn as nn
+
+import timm
+from timm_lookwhere.cost import (
+    count_flops, flop_breakdown, median_latency_ms, peak_memory_growth_mb, peak_memory_in_fresh_process,
+    time_in_turns,
+)
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / 'benchmarks'
 
@@ -28,6 +37,81 @@ def sibling_scripts(monkeypatch):
     folder being first on sys.path; here it finds them, loaded by path, while each test runs."""
     monkeypatch.setitem(sys.modules, 'speed', speed)
     monkeypatch.setitem(sys.modules, 'report', report)
+
+
+# --------------------------------------------------------------------------------------------
+# cost.py
+
+
+def test_flops_are_two_per_multiply_add_and_split_by_part():
+    layers = nn.Sequential(nn.Linear(8, 4), nn.ReLU(), nn.Linear(4, 2))
+    x = torch.randn(3, 8)
+    assert count_flops(layers, x) == 2 * 3 * (8 * 4 + 4 * 2)
+    assert flop_breakdown(lambda: layers(x), dict(first=layers[0], last=layers[2])) == dict(
+        total=2 * 3 * 40, first=2 * 3 * 32, last=2 * 3 * 8)
+    # autograd as the caller sets it: the backward of a call that runs one is counted too
+    assert flop_breakdown(lambda: layers(x).sum().backward())['total'] > count_flops(layers, x)
+
+
+def test_attention_is_counted_on_the_cpu_as_on_the_meta_device():
+    """torch counts the CPU attention kernel as free unless cost.py registers its formula."""
+    kwargs = dict(img_size=112, embed_dim=32, depth=2, num_heads=2)
+    vit = timm.create_model('vit_base_patch14_reg4_dinov2', **kwargs).eval()
+    with torch.device('meta'):
+        meta_vit = timm.create_model('vit_base_patch14_reg4_dinov2', **kwargs).eval()
+        on_meta = count_flops(meta_vit, torch.empty(1, 3, 112, 112))
+    assert count_flops(vit, torch.randn(1, 3, 112, 112)) == on_meta
+    tokens, dim = 64 + 5, 32
+    attention = 2 * 2 * tokens ** 2 * dim  # q k^T and the weighted sum of v
+    linear = 2 * tokens * (3 * dim * dim + dim * dim + 2 * 4 * dim * dim)  # qkv, proj, the MLP's two layers
+    blocks = flop_breakdown(lambda: vit(torch.randn(1, 3, 112, 112)), dict(blocks=vit.blocks))['blocks']
+    assert blocks == 2 * (attention + linear)
+
+
+def test_calls_are_timed_in_turns_after_their_warm_up():
+    ran, heard = [], []
+    calls = dict(a=lambda: ran.append('a'), b=lambda: (ran.append('b'), time.sleep(0.01)))
+    seconds = time_in_turns(calls, reps=3, warmup=2, alternate=True, report=lambda *a: heard.append(a[:2]))
+    assert ran == ['a', 'a', 'b', 'b'] + ['a', 'b', 'b', 'a', 'a', 'b']  # warm-ups, then turns reversed every other
+    assert heard == [(0, 'a'), (0, 'b'), (1, 'b'), (1, 'a'), (2, 'a'), (2, 'b')]
+    assert len(seconds['a']) == len(seconds['b']) == 3 and min(seconds['b']) >= 0.01 and min(seconds['a']) >= 0
+    assert time_in_turns(calls, reps=1, warmup=0)['b'][0] >= 0.01
+    latency = median_latency_ms(dict(slow=lambda x: time.sleep(x), fast=lambda x: None), 0.02, runs=3)
+    assert latency['slow'] >= 20 > latency['fast']
+
+
+def test_peak_memory_is_what_the_call_adds():
+    def allocate():
+        torch.ones(64, 2 ** 20, dtype=torch.uint8).add_(1)  # 64 MiB, written
+    grown = peak_memory_growth_mb(allocate)
+    assert grown['method'] and 60 < grown['peak_mb'] < 200
+    if 'process_peak_mb' in grown:  # Linux: the process's own peak too
+        assert grown['process_peak_mb'] > grown['peak_mb']
+    assert peak_memory_growth_mb(lambda: None)['peak_mb'] < 30
+
+
+PROBE = '''\
+import json, sys
+import torch
+from timm_lookwhere.cost import report_peak_memory
+spec = json.loads(sys.argv[sys.argv.index('--memory-child') + 1])
+if spec['fail']:
+    raise SystemExit('no such model: ' + spec['model'])
+report_peak_memory(lambda: torch.ones(spec['mib'], 2 ** 20, dtype=torch.uint8).add_(1))
+'''
+
+
+def test_a_fresh_process_reports_its_peak_or_names_its_error(tmp_path):
+    probe = tmp_path / 'probe.py'
+    probe.write_text(PROBE)
+    grown = peak_memory_in_fresh_process(probe, dict(fail=False, mib=48, model='x'))
+    assert 40 < grown['peak_mb'] < 150
+    with pytest.raises(RuntimeError, match='memory probe probe.py --memory-child failed: no such model: vit_z'):
+        peak_memory_in_fresh_process(probe, dict(fail=True, mib=0, model='vit_z'))
+
+
+# --------------------------------------------------------------------------------------------
+# speed.py
 
 
 def test_quick_and_full_runs_get_their_documented_defaults():
@@ -117,18 +201,20 @@ def test_memory_probe_measures_one_call_in_a_fresh_process():
 
 
 def test_bfloat16_autocast_runs_the_models_in_bfloat16(tmp_path):
-    args = speed.parse_args(['--tiny', '--amp', '--device', 'cpu'])
+    args = speed.parse_args(['--tiny', '--amp', '--device', 'cpu', '--reps', '2'])
     zoo = speed.ModelZoo(tiny=True, device=args.device)
-    dtypes = []
-    for cand in (speed.Candidate('lookwhere', 112, 0.25), speed.Candidate('vit', 112)):
-        call = speed.make_call(cand, speed.Group('infer', 112, 1, [cand]), zoo, torch.randn(1, 3, 112, 112),
-                               torch.zeros(1, dtype=torch.long), args)
-        model = zoo.lookwhere(112) if cand.family == 'lookwhere' else zoo.vit(112)
-        handle = model.blocks[0].attn.qkv.register_forward_hook(lambda m, a, out: dtypes.append(out.dtype))
-        seconds, _ = call()
-        handle.remove()
-        assert seconds > 0
-    assert dtypes == [torch.bfloat16, torch.bfloat16]
+    group = speed.Group('infer', 112, 1, [speed.Candidate('lookwhere', 112, 0.25), speed.Candidate('vit', 112)])
+    flops, skip = speed.plan_flops(group, speed.ModelZoo(tiny=True, device='meta'), args)
+    dtypes = {}
+    for name, model in (('lookwhere', zoo.lookwhere(112)), ('vit', zoo.vit(112))):
+        model.blocks[0].attn.qkv.register_forward_hook(
+            lambda m, a, out, name=name: dtypes.setdefault(name, set()).add(out.dtype))
+    samples = speed.time_group(group, zoo, skip, args, flops)
+    assert dtypes == dict(lookwhere={torch.bfloat16}, vit={torch.bfloat16})
+    lookwhere = samples['lookwhere@0.25']  # with the selector's and the blocks' time inside each call
+    assert len(lookwhere['seconds']) == len(lookwhere['selector']) == len(lookwhere['blocks']) == 2
+    assert all(0 < s + b < t for s, b, t in zip(lookwhere['selector'], lookwhere['blocks'], lookwhere['seconds']))
+    assert len(samples['vit']['seconds']) == 2 and not samples['vit']['blocks']
     results = speed.main(['--tiny', '--amp', '--sizes', '112', '--lookwhere-only-sizes', '--batches', '1',
                           '--k-ratios', '0.25', '--target-batch', '0', '--dense-sizes', '--train-batch', '1',
                           '--train-k-ratio', '0.25', '--reps', '1', '--memory', 'all', '--no-plots',

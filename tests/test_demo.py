@@ -12,7 +12,7 @@ import timm
 from timm_lookwhere import cli, demo
 from timm_lookwhere.scenes import AREA_RANGE, CLASS_NAMES, WIDE_AREA_RANGE, generate_scene
 
-from conftest import TINY, tiny_model
+from conftest import TINY, authors_layout, tiny_model
 
 # A tiny sparse-signs model: 128 px, 8x8 grid, 4x4 selector grid; random weights.
 TINY_SIGNS = ['--model', 'lookwhere_vitt16_256', '--no-pretrained', '--model-kwargs', 'embed_dim=32', 'depth=2',
@@ -70,6 +70,29 @@ def test_show_outlines_exactly_the_patches_the_model_chose(tmp_path, capsys):
         x, y = 8 + c * 14 * scale, 64 + r * 14 * scale  # top-left pixel of the patch in the left panel
         outlined = tuple(figure[y, x + 7 * scale]) == demo.CHOSEN_COLOUR
         assert outlined == (index in chosen), index
+
+
+def test_show_and_demo_say_the_authors_weights_have_no_classifier_head(tmp_path, capsys):
+    """The authors' files hold no classifier: the model gives pooled features, which are no class scores."""
+    model = tiny_model()  # lookwhere_vitb_518 at 112 px without a head, as the authors publish it
+    checkpoint = tmp_path / 'lookwhere_dinov2.pt'
+    torch.save(authors_layout(model), checkpoint)
+    photo = tmp_path / 'photo.png'
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (150, 200, 3), dtype=np.uint8)).save(photo)
+    common = ['--model', 'lookwhere_vitb_518', '--checkpoint', str(checkpoint), '--image', str(photo),
+              '--model-kwargs', *[f'{k}={v}' for k, v in TINY.items()]]
+    no_head = 'no classifier head (num_classes=0, features only): the figure shows where it looks'
+
+    assert cli.main(['show', *common, '--output', str(tmp_path / 'show.png')]) == 0
+    assert capsys.readouterr().out.startswith(f'{no_head}; looked at 6 of 64 patches')
+    image = demo.load_image(str(photo), (112, 112))
+    _, scores, indices = demo._look(model, demo.to_input(model, image))
+    caption = [f'lookwhere_vitb_518: {no_head}', 'looked at 6 of 64 patches']
+    expected = demo.draw_selection(image, scores, indices, (8, 8), caption)
+    assert np.array_equal(np.asarray(Image.open(tmp_path / 'show.png').convert('RGB')), np.asarray(expected))
+
+    assert cli.main(['demo', *common, '--runs', '1', '--output', str(tmp_path / 'demo.png')]) == 0
+    assert f'prediction  {no_head}\n' in capsys.readouterr().out
 
 
 def test_draw_selection_dims_the_patches_not_seen():

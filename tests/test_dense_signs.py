@@ -65,6 +65,7 @@ def test_segmentation_folder_has_the_ade20k_layout_and_resumes(tmp_path):
     assert os.path.getmtime(tmp_path / 'images' / 'val' / '000001.png') == stamp
 
 
+@pytest.mark.slow
 def test_tiny_run_goes_through_every_stage_and_writes_the_table_and_plot(tmp_path, restore_threads):
     argv = ['--output', str(tmp_path), '--tiny', '--workers', '0']
     evaluate = ['--output', str(tmp_path), '--workers', '0']
@@ -96,15 +97,31 @@ def test_tiny_run_goes_through_every_stage_and_writes_the_table_and_plot(tmp_pat
     assert json.loads((tmp_path / 'timings.json').read_text()) == timings
 
 
-def test_a_stopped_stage_continues_from_its_saved_state(tmp_path, restore_threads, caplog):
+@pytest.mark.slow
+def test_a_stopped_stage_continues_from_its_saved_state(tmp_path, restore_threads, caplog, monkeypatch):
     caplog.set_level(logging.INFO)
-    argv = ['--output', str(tmp_path), '--tiny', '--workers', '0']
-    assert dense_signs.main(argv + ['--stages', 'data,teacher', '--set', 'teacher_steps=2']) == 0
-    state = torch.load(tmp_path / 'teacher' / 'state.pth', weights_only=True)
-    assert state['step'] == 2
-    # the same folder, more steps: the run goes on from step 2 instead of starting again
-    (tmp_path / 'teacher' / 'model.pth').unlink()
-    assert dense_signs.main(argv + ['--stages', 'teacher', '--set', 'teacher_steps=4']) == 0
+    argv = ['--output', str(tmp_path), '--tiny', '--workers', '0', '--stages', 'data,teacher', '--set',
+            'teacher_steps=4']
+    monkeypatch.setattr(dense_signs, 'SAVE_EVERY_S', 0)  # a state after every step
+    cell_loss, calls = dense_signs.cell_loss, []
+
+    def stopped_at_step_3(cfg):  # the scenes phase, stopped in its third step
+        loss = cell_loss(cfg)
+
+        def stopping(model, batch):
+            calls.append(1)
+            if len(calls) == 3:
+                raise KeyboardInterrupt
+            return loss(model, batch)
+        return stopping
+    monkeypatch.setattr(dense_signs, 'cell_loss', stopped_at_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        dense_signs.main(argv)
+    assert torch.load(tmp_path / 'teacher' / 'state.pth', weights_only=True)['step'] == 2
+    assert not (tmp_path / 'teacher' / 'model.pth').exists()
+    # launched again with the same settings: the stage goes on from step 2 instead of starting again
+    monkeypatch.setattr(dense_signs, 'cell_loss', cell_loss)
+    assert dense_signs.main(argv) == 0
     assert torch.load(tmp_path / 'teacher' / 'state.pth', weights_only=True)['step'] == 4
     assert 'teacher (scenes): continuing after step 2 of 4' in caplog.text
 

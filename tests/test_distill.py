@@ -1,9 +1,11 @@
 """What-where distillation (timm_lookwhere.distillation, and its command line timm_lookwhere.distill): objective,
 teacher hook, student init, CLI runs."""
-import argparse
+import contextlib
+import io
 import json
 import math
 import os
+import re
 import runpy
 import shutil
 import subprocess
@@ -21,7 +23,6 @@ from timm.layers import resample_abs_pos_embed
 
 from conftest import TINY, randomize_
 from timm_lookwhere import cli
-from timm_lookwhere import distill
 from timm_lookwhere.distill import main
 from timm_lookwhere.distillation import (
     DistillTeacher, Distiller, ResumableSampler, SeededImageDataset, TeacherTargetCache, default_k_range,
@@ -35,6 +36,7 @@ TINY_KWARGS = [f'{key}={TINY[key]}' for key in ('embed_dim', 'depth', 'num_heads
 TINY_MODEL_KWARGS = [f'{key}={value}' for key, value in TINY.items() if key != 'img_size']
 NUM_PATCHES = 64
 RESULT_KEYS = ('step', 'loss', 'loss_cls', 'loss_patch', 'loss_map', 'lr', 'k')
+PROG = 'python -m timm_lookwhere.distill'
 
 
 def tiny_teacher(name=TEACHER, seed=0, randomize=True, **kwargs):
@@ -86,6 +88,23 @@ def cli_args(files, output, *extra):
         '--data-dir', str(files / 'images'), '--batch-size', '4', '--lr', '1e-3', '--warmup-steps', '1',
         '--log-every', '1', '--workers', '0', '--device', 'cpu', '--output', str(output), *extra,
     ]
+
+
+def refusal(argv, command=None, prog=PROG):
+    """The message a command line (`main`, or `command`) refuses ARGV with: argparse's form (PROG: error: ...),
+    exit code 2, no traceback."""
+    stderr = io.StringIO()
+    with pytest.raises(SystemExit) as exit_info, contextlib.redirect_stderr(stderr):
+        (command or main)(argv)
+    text = stderr.getvalue()
+    assert exit_info.value.code == 2 and f'{prog}: error: ' in text and 'Traceback' not in text, text
+    return text.split(f'{prog}: error: ', 1)[1]
+
+
+def assert_refused(argv, pattern):
+    message = refusal(argv)
+    assert re.search(pattern, message, re.DOTALL), message
+    return message
 
 
 def read_metrics(output):
@@ -323,8 +342,7 @@ def test_resume_reproduces_the_uninterrupted_run_exactly(run_files, tmp_path):
     model = timm.create_model('lookwhere_vitb_518', pretrained=True, pretrained_cfg_overlay=dict(file=str(
         whole / 'last.pth')), **TINY)
     assert all(torch.equal(v, final[k]) for k, v in model.state_dict().items())
-    with pytest.raises(ValueError, match='--resume'):
-        main(cli_args(run_files, whole, '--steps', '4'))
+    assert_refused(cli_args(run_files, whole, '--steps', '4'), 'last.pth exists: pass --resume')
 
 
 def test_bfloat16_autocast_run_on_cpu(run_files, tmp_path):
@@ -374,16 +392,16 @@ def test_run_with_teacher_cache_gives_the_losses_of_a_run_without(run_files, tmp
         for key in RESULT_KEYS:
             assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), key
     assert int(np.fromfile(tmp_path / 'targets' / 'filled.u8', dtype=np.uint8).sum()) == 16
-    with pytest.raises(ValueError, match='needs fixed inputs: add --no-aug'):
-        main(cli_args(run_files, tmp_path / 'aug', '--steps', '2', '--teacher-cache', str(tmp_path / 'targets')))
+    assert_refused(cli_args(run_files, tmp_path / 'aug', '--steps', '2', '--teacher-cache', str(tmp_path / 'targets')),
+                   'needs fixed inputs: add --no-aug')
 
 
 def test_teacher_kwargs_may_repeat_the_students_size_and_set_the_classifier(run_files, tmp_path):
     main(cli_args(run_files, tmp_path / 'same', '--steps', '2', '--teacher-kwargs', *TINY_KWARGS, 'img_size=112',
                   'num_classes=5'))  # honoured: the same grid, a classifier the losses never read
     assert len(read_metrics(tmp_path / 'same')) == 2
-    with pytest.raises(ValueError, match=r'img_size=224 differs from the student\'s 112x112.*--img-size'):
-        main(cli_args(run_files, tmp_path / 'other', '--steps', '2', '--teacher-kwargs', *TINY_KWARGS, 'img_size=224'))
+    assert_refused(cli_args(run_files, tmp_path / 'other', '--steps', '2', '--teacher-kwargs', *TINY_KWARGS,
+                            'img_size=224'), r'img_size=224 differs from the student\'s 112x112.*--img-size')
 
 
 def test_teacher_weights_missing_offline_say_which_and_how_to_pass_a_file(run_files, tmp_path):
@@ -410,10 +428,10 @@ def test_bad_run_arguments_are_rejected(run_files, tmp_path, extra, message):
     args = cli_args(run_files, tmp_path, *extra)
     if '--teacher-kwargs' in extra:  # a random teacher of another width: no checkpoint to load
         args[args.index('--teacher-checkpoint'):args.index('--teacher-checkpoint') + 2] = ['--teacher-random-init']
-    with pytest.raises(ValueError, match=message):
-        main(args)
+    assert_refused(args, message)
 
 
+@pytest.mark.slow
 def test_two_process_torchrun_matches_one_process_with_twice_the_batch(run_files, tmp_path):
     two = tmp_path / 'two'
     command = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
@@ -431,15 +449,6 @@ def test_two_process_torchrun_matches_one_process_with_twice_the_batch(run_files
         for key in RESULT_KEYS:
             assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), key
     assert os.path.isfile(two / 'last.pth')
-
-
-def test_the_command_line_module_still_offers_the_library_and_the_old_teacher_factory(run_files):
-    assert distill.DistillTeacher is DistillTeacher and distill.train_step is train_step  # split, re-exported
-    args = distill.add_arguments(argparse.ArgumentParser()).parse_args(cli_args(run_files, 'unused'))
-    student = distill.create_student(args)
-    with pytest.warns(DeprecationWarning, match='create_teacher_for_student'):
-        teacher = distill.create_teacher(args, student)
-    assert teacher.state_dict().keys() == distill.create_teacher_for_student(args, student).state_dict().keys()
 
 
 @pytest.mark.filterwarnings('ignore:.*found in sys.modules:RuntimeWarning')  # runpy re-runs the imported module
@@ -497,6 +506,7 @@ def region_coverage(indices, cells):
     return float(np.mean([len(set(chosen.tolist()) & set(c)) / len(c) for chosen, c in zip(indices, cells)]))
 
 
+@pytest.mark.slow
 def test_selector_learns_to_look_where_the_teacher_attends(tmp_path):
     rng = np.random.default_rng(0)
     os.makedirs(tmp_path / 'images' / 'x')

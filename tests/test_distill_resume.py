@@ -15,10 +15,10 @@ import pytest
 import torch
 
 import test_distill
-from test_distill import RESULT_KEYS, TINY_MODEL_KWARGS, cli_args, read_metrics, tiny_teacher
-from timm_lookwhere import distill
+from test_distill import RESULT_KEYS, TINY_MODEL_KWARGS, assert_refused, cli_args, read_metrics, refusal, tiny_teacher
+from test_files import hold, kill
+from timm_lookwhere import cli, distill
 from timm_lookwhere.distill import RESUME_POLICY, main
-from timm_lookwhere.files import FolderLockedError
 
 run_files = test_distill.run_files  # the image folder and tiny teacher of the other distillation tests
 one_thread = test_distill.one_thread  # autouse there, and here: tiny models on one thread
@@ -101,9 +101,8 @@ def test_resume_honours_a_new_lr_schedule_length_and_weight_decay(run_files, two
 ])
 def test_resume_refuses_changes_that_define_the_run(run_files, two_steps, extra, name, old, new):
     before = (two_steps / 'metrics.jsonl').read_text()
-    with pytest.raises(ValueError, match='cannot change within a run') as error:
-        main(cli_args(run_files, two_steps, '--steps', '4', *extra, '--resume'))
-    message = str(error.value)
+    message = assert_refused(cli_args(run_files, two_steps, '--steps', '4', *extra, '--resume'),
+                             'cannot change within a run')
     assert name in message and old in message and new in message and 'another --output' in message, message
     assert (two_steps / 'metrics.jsonl').read_text() == before
 
@@ -112,8 +111,7 @@ def test_resume_refuses_another_data_folder_and_names_every_refused_change(run_f
     shutil.copytree(run_files / 'images', tmp_path / 'images')  # the same images elsewhere: still another stream
     args = cli_args(run_files, two_steps, '--steps', '4', '--map-weight', '0.2', '--resume')
     args[args.index('--data-dir') + 1] = str(tmp_path / 'images')
-    with pytest.raises(ValueError, match='(?s)--data-dir .*--map-weight'):
-        main(args)
+    assert_refused(args, '--data-dir .*--map-weight')
 
 
 def test_resume_compares_the_teachers_weights_not_its_file_name(run_files, two_steps, tmp_path):
@@ -123,8 +121,7 @@ def test_resume_compares_the_teachers_weights_not_its_file_name(run_files, two_s
     torch.save(tiny_teacher(seed=1).state_dict(), other)
     args = cli_args(run_files, output, '--steps', '3', '--resume')
     args[args.index('--teacher-checkpoint') + 1] = str(other)
-    with pytest.raises(ValueError, match="teacher's weights differ"):
-        main(args)
+    assert_refused(args, "teacher's weights differ")
     moved = tmp_path / 'moved_teacher.pth'
     shutil.copy(run_files / 'teacher.pth', moved)
     args[args.index('--teacher-checkpoint') + 1] = str(moved)
@@ -133,8 +130,8 @@ def test_resume_compares_the_teachers_weights_not_its_file_name(run_files, two_s
 
 
 def test_resume_below_the_checkpoints_step_is_refused(run_files, two_steps):
-    with pytest.raises(ValueError, match='--steps 1 is below the 2 steps'):
-        main(cli_args(run_files, two_steps, '--steps', '1', '--warmup-steps', '0', '--resume'))
+    assert_refused(cli_args(run_files, two_steps, '--steps', '1', '--warmup-steps', '0', '--resume'),
+                   '--steps 1 is below the 2 steps')
 
 
 # --------------------------------------------------------------------------------------------
@@ -150,9 +147,7 @@ def test_a_damaged_checkpoint_is_named_with_the_kept_ones_to_resume_from(run_fil
         last.write_bytes(last.read_bytes()[:1000])
     else:
         torch.save(argparse.Namespace(step=2), last)
-    with pytest.raises(ValueError) as error:
-        main(cli_args(run_files, output, '--steps', '2', '--resume'))
-    message = str(error.value)
+    message = refusal(cli_args(run_files, output, '--steps', '2', '--resume'))
     assert str(last) in message and 'weights_only' not in message
     assert ('corrupt' if damage == 'cut' else 'not a distillation checkpoint') in message
     assert f"{output / 'checkpoint-2.pth'}, {output / 'checkpoint-1.pth'}" in message and '--resume PATH' in message
@@ -197,11 +192,17 @@ def test_metrics_are_cut_back_to_the_checkpoint_whole_or_not_at_all(tmp_path, mo
 # kills at any moment, and a second process on the same output
 
 
+# `lookwhere distill` on one torch thread, as the tests run it in-process: set by the process itself, whatever
+# threading variables (OMP_NUM_THREADS, MKL_NUM_THREADS, ...) the caller's shell exports
+ONE_THREAD_DISTILL = ('import sys, torch; torch.set_num_threads(1); from timm_lookwhere.distill import main; '
+                      'sys.exit(main())')
+
+
 def launch(files, output, steps, log):
     resume = ['--resume'] if (output / 'last.pth').exists() else []
     args = cli_args(files, output, '--steps', str(steps), '--save-every', '1', *resume)
-    return subprocess.Popen([sys.executable, '-m', 'timm_lookwhere.distill', *args], stdout=subprocess.DEVNULL,
-                            stderr=log, env=dict(os.environ, OMP_NUM_THREADS='1'))  # one thread, as in-process
+    return subprocess.Popen([sys.executable, '-c', ONE_THREAD_DISTILL, *args], stdout=subprocess.DEVNULL,
+                            stderr=log)
 
 
 def tail(log):
@@ -216,10 +217,13 @@ def logged_steps(output):
         return 0
 
 
-def test_killed_at_any_moment_and_resumed_a_run_ends_bit_identical(run_files, tmp_path):
+@pytest.mark.slow
+def test_killed_at_any_moment_and_resumed_a_run_ends_bit_identical(run_files, tmp_path, monkeypatch):
     """The done-when point of issue 14: a distillation killed with SIGKILL at arbitrary moments and resumed
     ends bit-identical to an uninterrupted run, with one metrics record per step; a second process on the
-    same output is refused while the first runs."""
+    same output is refused while the first runs. The launches hold whatever threading the caller's shell asks for."""
+    for name in ('OMP_NUM_THREADS', 'MKL_NUM_THREADS', 'OPENBLAS_NUM_THREADS'):
+        monkeypatch.setenv(name, '2')
     steps, kills = 24, 3
     whole, killed = tmp_path / 'whole', tmp_path / 'killed'
     main(cli_args(run_files, whole, '--steps', str(steps), '--save-every', '1'))
@@ -238,8 +242,8 @@ def test_killed_at_any_moment_and_resumed_a_run_ends_bit_identical(run_files, tm
                 time.sleep(0.005)
             assert proc.poll() is None, f'the run ended before its kill:\n{tail(log)}'
             if launch_number == 0:
-                with pytest.raises(FolderLockedError, match=f'process {proc.pid} on host'):
-                    main(cli_args(run_files, killed, '--steps', str(steps), '--save-every', '1', '--resume'))
+                assert_refused(cli_args(run_files, killed, '--steps', str(steps), '--save-every', '1', '--resume'),
+                               f'process {proc.pid} on host')
             time.sleep(rng.uniform(0, 0.05))
             proc.send_signal(signal.SIGKILL)
             proc.wait()
@@ -273,22 +277,20 @@ def test_killed_at_any_moment_and_resumed_a_run_ends_bit_identical(run_files, tm
     (['--data-dir', '/nonexistent'], '--data-dir /nonexistent does not exist'),  # a bare AssertionError
 ])
 def test_bad_flag_values_are_refused_by_name(run_files, tmp_path, extra, message):
-    with pytest.raises(ValueError, match=message):
-        main(cli_args(run_files, tmp_path / 'out', '--steps', '2', *extra))
+    assert_refused(cli_args(run_files, tmp_path / 'out', '--steps', '2', *extra), message)
     assert not (tmp_path / 'out').exists()
 
 
 def test_a_file_where_a_folder_belongs_is_refused_by_name(run_files, tmp_path):
     a_file = tmp_path / 'a_file'
     a_file.write_text('')
-    with pytest.raises(ValueError, match=f'--output {a_file} is a file'):
-        main(cli_args(run_files, a_file, '--steps', '2'))
-    with pytest.raises(ValueError, match=f'--teacher-cache {a_file} is a file'):
-        main(cli_args(run_files, tmp_path / 'out', '--steps', '2', '--no-aug', '--teacher-cache', str(a_file)))
+    assert_refused(cli_args(run_files, a_file, '--steps', '2'), f'--output {a_file} is a file')
+    assert_refused(cli_args(run_files, tmp_path / 'out', '--steps', '2', '--no-aug', '--teacher-cache', str(a_file)),
+                   f'--teacher-cache {a_file} is a file')
     args = cli_args(run_files, tmp_path / 'out', '--steps', '2')
     args[args.index('--teacher-checkpoint') + 1] = str(tmp_path)
-    with pytest.raises(FileNotFoundError, match=f'--teacher-checkpoint {tmp_path} is a folder'):
-        main(args)
+    assert_refused(args, f'--teacher-checkpoint {tmp_path} is a folder')
+    assert not (tmp_path / 'out').exists()
 
 
 @pytest.mark.parametrize('payload', [b'', b'not a checkpoint at all'])
@@ -297,10 +299,61 @@ def test_an_empty_or_foreign_teacher_checkpoint_is_named(run_files, tmp_path, pa
     bad.write_bytes(payload)
     args = cli_args(run_files, tmp_path / 'out', '--steps', '2')
     args[args.index('--teacher-checkpoint') + 1] = str(bad)
-    with pytest.raises(ValueError, match=f'--teacher-checkpoint: {bad} is (empty|not a readable PyTorch checkpoint)'):
-        main(args)
+    assert_refused(args, f'--teacher-checkpoint: {bad} is (empty|not a readable PyTorch checkpoint)')
 
 
 def test_resume_from_a_folder_names_the_checkpoint_to_give(run_files, two_steps):
-    with pytest.raises(ValueError, match=f"--resume {two_steps} is a folder.*{two_steps / 'last.pth'}"):
-        main(cli_args(run_files, two_steps, '--steps', '2', '--resume', str(two_steps)))
+    assert_refused(cli_args(run_files, two_steps, '--steps', '2', '--resume', str(two_steps)),
+                   f"--resume {two_steps} is a folder.*{two_steps / 'last.pth'}")
+
+
+# --------------------------------------------------------------------------------------------
+# argument errors read as argparse's, from both command lines; a refused start leaves nothing behind
+
+
+# `lookwhere distill ARGS` and `python -m timm_lookwhere.distill ARGS`, each with its program name
+COMMAND_LINES = [(lambda argv: cli.main(['distill', *argv]), 'lookwhere distill'),
+                 (main, 'python -m timm_lookwhere.distill')]
+
+
+def test_steps_below_the_default_warm_up_is_an_argument_error(run_files, tmp_path):
+    args = cli_args(run_files, tmp_path / 'out', '--steps', '1')
+    del args[args.index('--warmup-steps'):args.index('--warmup-steps') + 2]  # the default, 50000
+    for command, prog in COMMAND_LINES:
+        message = refusal(args, command, prog)
+        assert message.startswith('--warmup-steps must be in [0, --steps), got 50000 with --steps 1'), message
+    assert not (tmp_path / 'out').exists()
+
+
+def test_an_output_that_is_a_file_is_an_argument_error(run_files, tmp_path):
+    a_file = tmp_path / 'a_file'
+    a_file.write_text('kept')
+    for command, prog in COMMAND_LINES:
+        assert refusal(cli_args(run_files, a_file, '--steps', '2'), command, prog).startswith(
+            f'--output {a_file} is a file; give a folder')
+    assert a_file.read_text() == 'kept'
+
+
+def test_a_second_run_on_a_held_output_is_refused_naming_the_holder(run_files, tmp_path):
+    output = tmp_path / 'out'
+    holder, _ = hold(output)
+    try:
+        for command, prog in COMMAND_LINES:
+            message = refusal(cli_args(run_files, output, '--steps', '2'), command, prog)
+            assert f'{output} is in use: process {holder.pid} on host' in message, message
+    finally:
+        kill(holder)
+    assert os.listdir(output) == ['lock']  # nothing written by the refused runs
+
+
+def test_a_data_folder_without_images_is_refused_and_leaves_no_lock_behind(run_files, tmp_path):
+    empty = tmp_path / 'no_images'
+    (empty / 'a').mkdir(parents=True)
+    (empty / 'a' / 'notes.txt').write_text('not an image')
+    args = cli_args(run_files, tmp_path / 'out', '--steps', '2')
+    args[args.index('--data-dir') + 1] = str(empty)
+    assert refusal(args).startswith(f'--data-dir {empty}: Found 0 images')
+    assert not (tmp_path / 'out').exists()  # the folder the run made is gone again
+    (tmp_path / 'out').mkdir()  # a folder the user made stays, without the lock file of the refused run
+    refusal(args)
+    assert os.listdir(tmp_path / 'out') == []

@@ -1,11 +1,14 @@
 """LookWhere segmenters: pixel logits of every input form, a training step that learns, the selector kept frozen,
-the loss and mIoU helpers, the shipped segmenter, and the backbone under a library's decoder."""
+the loss and mIoU helpers and the bad input they refuse, the shipped segmenter, and the backbone under a library's
+decoder. (Loading shipped segmenters and the dense teacher: test_segmentation_loading.py.)"""
 import pytest
 import torch
 import torch.nn.functional as F
 
 import timm
 from timm.data import resolve_data_config
+from timm.data.naflex_dataset import NaFlexCollator
+from timm.data.naflex_transforms import patchify_image
 
 from timm_lookwhere.segmentation import (
     IGNORE_INDEX, LookWhereSegmenter, confusion_matrix, create_segmenter, iou_per_class, mean_iou, pixel_logits,
@@ -63,6 +66,30 @@ def test_a_list_of_sizes_gives_a_list_of_logits_each_its_images_size(images):
         torch.testing.assert_close(together, single, atol=1e-4, rtol=1e-4)
 
 
+def naflex_batch(pictures, patch_size=14):
+    """timm's NaFlex batch of `pictures`, as its loader makes one: patchified, then collated with padding."""
+    items = []
+    for picture in pictures:
+        patches, coord, valid = patchify_image(picture, (patch_size, patch_size))
+        items.append((dict(patches=patches, patch_coord=coord, patch_valid=valid), 0))
+    return NaFlexCollator()(items)[0]
+
+
+def test_a_naflex_batch_gives_a_list_of_logits_each_its_images_size(images):
+    model = tiny_segmenter(dynamic_img_size=True)
+    pictures = [images(1, size=(112, 112), seed=1)[0], images(1, size=(84, 140), seed=2)[0]]
+    batch = naflex_batch(pictures)
+    assert batch['patch_valid'].sum(1).tolist() == [64, 60] and batch['patches'].shape[1] > 64  # padded
+    with torch.no_grad():
+        logits = model(batch)
+        cells = model.forward_cells(batch)
+        as_list = model(pictures)
+    assert [tuple(lg.shape) for lg in logits] == [(NUM_CLASSES, 112, 112), (NUM_CLASSES, 84, 140)]
+    assert [tuple(c.shape) for c in cells] == [(NUM_CLASSES, 8, 8), (NUM_CLASSES, 6, 10)]
+    for from_dict, from_list in zip(logits, as_list):  # the same images, the same logits
+        torch.testing.assert_close(from_dict, from_list, atol=1e-5, rtol=1e-5)
+
+
 def test_training_steps_lower_the_loss_and_leave_the_selector_frozen(images):
     model = tiny_segmenter()
     x = images(4)
@@ -97,6 +124,80 @@ def test_loss_ignores_the_ignore_index_and_reads_small_logits_at_the_masks_size(
     torch.testing.assert_close(segmentation_loss(logits, big), F.cross_entropy(up, big))
 
 
+def test_loss_refuses_logits_of_another_aspect_ratio_and_upsamples_a_coarser_grid_of_the_same():
+    target = torch.randint(0, 3, (1, 112, 50))
+    with pytest.raises(ValueError, match='logits of 112x112 do not cover a 112x50 mask: another aspect ratio'):
+        segmentation_loss(torch.randn(1, 3, 112, 112), target)
+    logits = torch.randn(2, 3, 6, 10)  # a 6x10 cell grid of a 84x140 image, its mask read at every 4th pixel
+    mask = torch.randint(0, 3, (2, 84, 140))[:, 2::4, 2::4]  # 21x35: the same aspect
+    up = F.interpolate(logits, size=(21, 35), mode='bilinear', align_corners=False)
+    torch.testing.assert_close(segmentation_loss(logits, mask), F.cross_entropy(up, mask))
+
+
+def test_a_mask_without_labels_gives_a_zero_loss_that_backpropagates():
+    logits = torch.randn(2, 3, 8, 8, requires_grad=True)
+    unlabelled = torch.full((2, 8, 8), IGNORE_INDEX)
+    for loss in (segmentation_loss(logits, unlabelled),
+                 segmentation_loss(logits, unlabelled, class_weight=torch.tensor([0.3, 1., 1.])),
+                 segmentation_loss(list(logits), list(unlabelled))):
+        assert loss.item() == 0 and loss.grad_fn is not None
+        loss.backward()
+        assert torch.equal(logits.grad, torch.zeros_like(logits))
+
+
+def test_loss_of_lists_is_the_mean_over_every_labelled_pixel_of_the_images():
+    g = torch.Generator().manual_seed(0)
+    logits = [torch.randn(3, 8, 8, generator=g), torch.randn(3, 6, 10, generator=g)]  # two images' pixel logits
+    masks = [torch.randint(0, 3, (8, 8), generator=g), torch.randint(0, 3, (6, 10), generator=g)]
+    masks[1][:2] = IGNORE_INDEX
+    weight = torch.tensor([0.3, 1., 2.])
+    pixels = torch.cat([lg.flatten(1).T for lg in logits])  # (124, 3): every pixel of both, as one batch
+    labels = torch.cat([m.flatten() for m in masks])
+    for class_weight in (None, weight):
+        expected = F.cross_entropy(pixels, labels, weight=class_weight, ignore_index=IGNORE_INDEX)
+        torch.testing.assert_close(segmentation_loss(logits, masks, class_weight=class_weight), expected)
+    same_size = [torch.randn(3, 8, 8, generator=g) for _ in range(2)]  # a list of logits, the masks one batch
+    target = torch.randint(0, 3, (2, 8, 8), generator=g)
+    torch.testing.assert_close(segmentation_loss(same_size, target), segmentation_loss(torch.stack(same_size), target))
+    cells = [lg[:, ::2, ::2] for lg in same_size]  # a list of cell logits, upsampled to each mask
+    assert torch.isfinite(segmentation_loss(cells, target))
+    with pytest.raises(ValueError, match='2 logits for 1 masks'):
+        segmentation_loss(logits, masks[:1])
+
+
+def test_the_manuals_training_step_on_a_list_of_images_lowers_the_loss(images):
+    model = tiny_segmenter(dynamic_img_size=True)
+    pictures = [images(1, size=(112, 112), seed=1)[0], images(1, size=(84, 140), seed=2)[0]]
+    masks = [torch.zeros(112, 112, dtype=torch.long), torch.zeros(84, 140, dtype=torch.long)]
+    masks[0][:, :56], masks[1][:, :70] = 1, 2  # the left half of each image its own class
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    model.train()
+    losses = []
+    for _ in range(6):
+        loss = segmentation_loss(model(pictures), masks)  # docs/segmentation.md's step, on a list
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < 0.9 * losses[0], losses
+
+
+def test_class_ids_outside_the_classes_are_named_not_counted_in_a_wrong_cell():
+    target = torch.tensor([[0, 1, 2, IGNORE_INDEX]])
+    with pytest.raises(ValueError, match=r'the prediction holds values outside the 4 classes \[0, 4\): 4'):
+        confusion_matrix(torch.tensor([[0, 4, 2, 1]]), target, 4)  # a 4 would land in row 1
+    with pytest.raises(ValueError, match=r'the prediction holds values outside the 4 classes \[0, 4\): -1'):
+        confusion_matrix(torch.tensor([[0, -1, 2, 1]]), target, 4)
+    with pytest.raises(ValueError, match=r'the target holds values outside the 4 classes \[0, 4\): 7, 9'):
+        confusion_matrix(torch.tensor([[0, 1, 2, 1]]), torch.tensor([[0, 9, 7, IGNORE_INDEX]]), 4)
+    with pytest.raises(ValueError, match='differ in shape'):
+        confusion_matrix(torch.randn(1, 4, 1, 4), target, 4)
+    # a prediction under an ignored pixel counts for nothing, whatever it is
+    assert confusion_matrix(torch.tensor([[0, 1, 2, 200]]), target, 4).trace() == 3
+    with pytest.raises(ValueError, match=r'the mask holds values outside the 3 classes \[0, 3\): 5'):
+        segmentation_loss(torch.randn(1, 3, 2, 2), torch.tensor([[[0, 5], [1, IGNORE_INDEX]]]))
+
+
 def test_confusion_and_iou_count_pixels_as_written_by_hand():
     target = torch.tensor([[0, 0, 1, 1], [2, 2, 2, IGNORE_INDEX]])
     prediction = torch.tensor([[0, 1, 1, 1], [2, 2, 0, 1]])
@@ -118,6 +219,29 @@ def test_create_segmenter_names_what_is_missing():
         create_segmenter('lookwhere_vitt16_512.dense_signs', pretrained=True, num_classes=3)
     with pytest.raises(TypeError, match='must be a LookWhere model'):
         LookWhereSegmenter(timm.create_model('resnet18'), 3)
+
+
+@pytest.mark.parametrize('num_classes', [None, 3])
+def test_a_mistyped_tag_is_named_with_the_shipped_segmenters_and_the_models_tags(num_classes):
+    with pytest.raises(ValueError, match=r"no shipped segmenter and no pretrained tag 'dense_sign'") as err:
+        create_segmenter('lookwhere_vitt16_512.dense_sign', num_classes=num_classes)
+    assert "shipped segmenters: ['lookwhere_vitt16_512.dense_signs']" in str(err.value)
+    assert "its tags: ['lookwhere_vitt16_512.sparse_signs']" in str(err.value)
+    with pytest.raises(ValueError, match="'lookwhere_vitt16_513' is not a LookWhere model; shipped segmenters"):
+        create_segmenter('lookwhere_vitt16_513', num_classes=3)
+
+
+@pytest.mark.parametrize('name, num_classes, error, message', [
+    ('lookwhere_vitt16_512.dense_signs', 0, ValueError, 'num_classes must be at least 1'),
+    ('lookwhere_vitt16_512.dense_signs', -2, ValueError, 'num_classes must be at least 1'),
+    ('lookwhere_vitt16_256', 0, ValueError, 'num_classes must be at least 1'),
+    ('lookwhere_vitt16_256', 2.5, TypeError, 'num_classes must be an int'),
+    ('lookwhere_vitt16_256', '3', TypeError, 'num_classes must be an int'),
+    ('lookwhere_vitt16_512.dense_signs', True, TypeError, 'num_classes must be an int'),
+])
+def test_num_classes_below_one_or_not_an_int_is_refused(name, num_classes, error, message):
+    with pytest.raises(error, match=message):
+        create_segmenter(name, num_classes=num_classes)
 
 
 def test_a_backbones_pretrained_tag_loads_its_weights_under_a_new_head():

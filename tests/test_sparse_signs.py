@@ -10,9 +10,10 @@ from PIL import Image
 
 import timm
 
+from test_recipe_guard import refusal
 from timm_lookwhere.scenes import WIDE_AREA_RANGE, generate_scene, to_uint8_tensor
 from timm_lookwhere.recipes import sparse_signs
-from timm_lookwhere.teachers import TEACHER_BASE
+from timm_lookwhere.teachers import TEACHER_BASE, window_features
 
 # the evaluation is a script of the source tree, not a module: its globals, as running it by path defines them
 EVALUATION = runpy.run_path(str(Path(__file__).resolve().parents[1] / 'benchmarks' / 'sparse_signs.py'))
@@ -56,16 +57,17 @@ def test_window_features_of_the_whole_image_are_the_vits_own_tokens():
     x = torch.randn(2, 3, 64, 64)
     zeros = torch.zeros(2, dtype=torch.long)
     with torch.no_grad():
-        torch.testing.assert_close(sparse_signs.window_features(vit, x, zeros, zeros), vit.forward_features(x))
+        torch.testing.assert_close(window_features(vit, x, zeros, zeros), vit.forward_features(x))
         # a window is the same computation on its own patches, at their place in the image
         crop = x[:, :, 16:48, 32:64]
         ones, twos = torch.ones(2, dtype=torch.long), torch.full((2,), 2)
-        window = sparse_signs.window_features(vit, crop, ones, twos)
+        window = window_features(vit, crop, ones, twos)
         model = sparse_signs.PatchSupervisedViT(vit, 3)
         logits, patch_logits = model(crop, ones, twos)
     assert window.shape == (2, 1 + 4, 32) and logits.shape == (2, 3) and patch_logits.shape == (2, 4, 4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('config', ['512', '256'])
 def test_tiny_run_goes_through_every_stage_and_writes_the_table_and_plot(config, tmp_path, restore_threads):
     argv = ['--config', config, '--output', str(tmp_path), '--tiny', '--workers', '0']
@@ -125,7 +127,8 @@ def test_stopped_training_continues_onto_the_same_batches(tmp_path, monkeypatch)
                 raise KeyboardInterrupt
             return m(batch[0]), 0.
         try:
-            sparse_signs.fit('test', model, batches, steps, 1e-2, forward, str(state_path), generators=(generator,))
+            sparse_signs.fit_classifier('test', model, batches, steps, 1e-2, forward, str(state_path),
+                                        generators=(generator,))
         except KeyboardInterrupt:
             pass
         return model, seen
@@ -141,6 +144,7 @@ def test_stopped_training_continues_onto_the_same_batches(tmp_path, monkeypatch)
     assert all(torch.equal(a, b) for a, b in zip(whole.state_dict().values(), finished.state_dict().values()))
 
 
+@pytest.mark.slow
 def test_a_lever_runs_in_its_own_folder_on_shared_data_and_teacher(tmp_path, restore_threads, capsys):
     base, lever = tmp_path / 'base', tmp_path / 'lever'
     common = ['--config', '256', '--tiny', '--workers', '0']
@@ -155,8 +159,11 @@ def test_a_lever_runs_in_its_own_folder_on_shared_data_and_teacher(tmp_path, res
     assert EVALUATION['main'](['--lever-table', str(base), str(lever)]) == 0
     table = capsys.readouterr().out.splitlines()
     assert len(table) == 4 and 'the configuration as is' in table[2] and 'map_weight=0.25' in table[3]
-    with pytest.raises(ValueError, match='--set takes key=value'):
-        sparse_signs.main(common + ['--output', str(lever), '--set', 'not_a_setting=1'])
+    # the lever's folder holds its own settings: another lever goes to another folder
+    message = refusal(sparse_signs.main, common + ['--output', str(lever), '--stages', 'distill', '--set',
+                                                   'map_weight=0.5', 'distill_steps=2'], sparse_signs.RECIPE.prog)
+    assert '--set map_weight=0.5 (the run has --set map_weight=0.25)' in message
+    assert json.loads((lever / 'run.json').read_text())['overrides'] == dict(map_weight=0.25, distill_steps=2)
 
 
 def test_the_command_the_package_names_is_the_recipe_and_its_usage(capsys):
@@ -165,5 +172,5 @@ def test_the_command_the_package_names_is_the_recipe_and_its_usage(capsys):
     from timm_lookwhere.lookwhere import SIGNS_RECIPE
     assert SIGNS_RECIPE.startswith('python -m ') and find_spec(SIGNS_RECIPE.split()[-1]) is not None
     with pytest.raises(SystemExit):
-        sparse_signs.parse_args(['--help'])
+        sparse_signs.main(['--help'])
     assert capsys.readouterr().out.startswith(f'usage: {SIGNS_RECIPE} [-h] --output DIR')

@@ -9,13 +9,18 @@ per-cell segmentation head (pixel logits).
 from .checkpoints import convert_authors_checkpoint
 from .dense import idw_fill, nearest_chosen
 from .layers import SparsePatchEmbed
-from .lookwhere import LookWhere, LookWhereSelector, SelectionRecorder, TopKSelect, checkpoint_filter_fn
+from .lookwhere import (
+    LookWhere, LookWhereSelector, PreferredSelection, RandomSelection, SelectionRecorder, TopKSelect,
+    checkpoint_filter_fn,
+)
 from .segmentation import LookWhereSegmenter, create_segmenter
+from .segmentation_data import ADE20KFolder
 from .teachers import create_teacher
 
 __all__ = [
-    'LookWhere', 'LookWhereSelector', 'SelectionRecorder', 'TopKSelect', 'SparsePatchEmbed', 'checkpoint_filter_fn',
-    'create_teacher', 'LookWhereSegmenter', 'create_segmenter', 'idw_fill', 'nearest_chosen',
+    'LookWhere', 'LookWhereSelector', 'SelectionRecorder', 'RandomSelection', 'PreferredSelection', 'TopKSelect',
+    'SparsePatchEmbed', 'checkpoint_filter_fn',
+    'create_teacher', 'LookWhereSegmenter', 'create_segmenter', 'ADE20KFolder', 'idw_fill', 'nearest_chosen',
     'convert_authors_checkpoint',
 ]
 __version__ = '0.1.0'

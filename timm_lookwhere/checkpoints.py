@@ -142,11 +142,11 @@ def load_checkpoint_file(
     return clean_state_dict(state_dict), meta  # clean: no DDP / torch.compile prefixes
 
 
-def stored_num_classes(path: Union[str, os.PathLike]) -> Optional[int]:
-    """Classes of the classifier head a weights file holds (None without one), read cheaply; the file's
-    defects raise as in `read_weights_file`."""
+def stored_num_classes(path: Union[str, os.PathLike], classifier: str = 'head') -> Optional[int]:
+    """Classes of the classifier head a weights file holds (`classifier`: its module name, timm's pretrained cfg
+    `classifier`; None without one), read cheaply; the file's defects raise as in `read_weights_file`."""
     state_dict, _ = load_checkpoint_file(path, mmap=True)
-    head = state_dict.get('head.weight')
+    head = state_dict.get(f'{classifier}.weight')
     shape = head.get_shape() if hasattr(head, 'get_shape') else getattr(head, 'shape', None)
     return int(shape[0]) if shape is not None and len(shape) == 2 else None
 

@@ -6,7 +6,8 @@ import sys
 from typing import List, Optional
 
 # Modules that contribute sub-commands, in the order `lookwhere --help` lists them.
-SUBCOMMAND_MODULES: List[str] = ['timm_lookwhere.distill', 'timm_lookwhere.export', 'timm_lookwhere.demo']
+SUBCOMMAND_MODULES: List[str] = [
+    'timm_lookwhere.distill', 'timm_lookwhere.export', 'timm_lookwhere.demo', 'timm_lookwhere.predict']
 
 
 def positive_int(text: str) -> int:

@@ -24,10 +24,11 @@ import timm
 from timm.data import ImageNetInfo, resolve_data_config
 from timm.utils import ParseKwargs
 
+from .images import ImageError, read_image
 from .scenes import AREA_RANGE, CLASS_NAMES, SEGMENTATION_CLASSES, WIDE_AREA_RANGE, generate_dense_scene, \
     generate_scene, patches_under_box
 from .lookwhere import LookWhere, SelectionRecorder
-from .teachers import TEACHER_BASE, create_teacher, dense_counterpart_kwargs
+from .teachers import create_dense_counterpart, create_teacher
 from .cli import non_negative_int, positive_int
 from .cost import median_latency_ms
 
@@ -104,15 +105,15 @@ def class_names(model: nn.Module) -> Optional[Sequence[str]]:
 
 
 def load_image(path: str, size: Tuple[int, int]) -> Image.Image:
-    """An RGB image resized so it covers `size` (H, W), then cropped to it at the centre."""
+    """An image file, upright and in RGB, resized so it covers `size` (H, W), then cropped to it at the centre."""
     if os.path.isdir(path):
         raise ValueError(f'--image {path} is a folder; pass one image file in it')
     if not os.path.isfile(path):
         raise FileNotFoundError(f'--image {path} does not exist')
-    try:
-        image = Image.open(path).convert('RGB')
-    except OSError as err:
-        raise ValueError(f'--image {path} is not an image Pillow can read: {err}') from None
+    try:  # upright by its EXIF orientation, 16-bit scaled to 8 bits
+        image = Image.fromarray(read_image(path).permute(1, 2, 0).numpy())
+    except ImageError as err:
+        raise ValueError(f'--image {err}') from None
     h, w = size
     scale = max(h / image.height, w / image.width)
     resized = image.resize((max(w, round(image.width * scale)), max(h, round(image.height * scale))), Image.BICUBIC)
@@ -334,9 +335,9 @@ def _zoom_on(scene, image: Image.Image, model: LookWhere) -> Optional[Tuple[int,
     return zoom_region(scene.box, image.size, model.patch_embed.patch_size[0])
 
 
-def _describe(logits: torch.Tensor, names: Optional[Sequence[str]]) -> str:
-    if logits.shape[-1] == 0:
-        return 'no classifier head (features only): the figure shows where it looks'
+def _describe(model: nn.Module, logits: torch.Tensor, names: Optional[Sequence[str]]) -> str:
+    if not model.num_classes:  # its forward gives pooled features, e.g. with the authors' weights, which have no head
+        return 'no classifier head (num_classes=0, features only): the figure shows where it looks'
     prob = torch.softmax(logits.float(), -1)[0]
     p, i = prob.max(0)
     name = names[i] if names is not None else f'class {int(i)}'
@@ -432,7 +433,7 @@ def run_demo(args: argparse.Namespace) -> int:
         teacher = create_teacher(f"{model.pretrained_cfg['architecture']}.{SIGNS_TAG}")
         teacher_kind = 'the full-res teacher'
     else:  # the same blocks on every patch: weights do not change the time
-        teacher = timm.create_model(TEACHER_BASE, **dense_counterpart_kwargs(model))
+        teacher = create_dense_counterpart(model)
         teacher_kind = 'a full-res ViT of the same size (random weights: time only)'
     teacher.eval()
     times = median_latency_ms(dict(lookwhere=model, teacher=teacher), x, args.runs)
@@ -449,7 +450,7 @@ def run_demo(args: argparse.Namespace) -> int:
               f"covering {100 * scene.area_fraction:.1f}% of the image")
     else:
         print(f'image       {args.image}, resized and centre-cropped to {image.width}x{image.height}')
-    print(f'prediction  {_describe(logits, names)}')
+    print(f'prediction  {_describe(model, logits, names)}')
     looked = f'{model.k} of {model.num_patches} patches ({100 * model.k / model.num_patches:.0f}%)'
     if scene is not None:
         looked += f', {_sign_coverage(scene, indices, model)}'
@@ -460,9 +461,9 @@ def run_demo(args: argparse.Namespace) -> int:
           f'{torch.get_num_threads()} threads)')
     if shipped:
         with torch.no_grad():
-            print(f'teacher     {_describe(teacher(x), names)}')
+            print(f'teacher     {_describe(teacher, teacher(x), names)}')
     truth = f"   (the sign is '{scene.class_name}')" if scene is not None else ''
-    lines = [f'{args.model}: {_describe(logits, names)}{truth}',
+    lines = [f'{args.model}: {_describe(model, logits, names)}{truth}',
              f"looked at {looked}; {times['lookwhere']:.1f} ms vs {times['teacher']:.1f} ms full-res"]
     _save(draw_selection(image, scores, indices, model.grid_size, lines, _zoom_on(scene, image, model)), args.output)
     print(f'wrote       {args.output}')
@@ -476,7 +477,7 @@ def run_show(args: argparse.Namespace) -> int:
     model, image, scene = loaded
     x = to_input(model, image)
     logits, scores, indices = _look(model, x)
-    description = _describe(logits, class_names(model))
+    description = _describe(model, logits, class_names(model))
     lines = [f'{args.model}: {description}', f'looked at {model.k} of {model.num_patches} patches']
     _save(draw_selection(image, scores, indices, model.grid_size, lines, _zoom_on(scene, image, model)), args.output)
     print(f'{description}; looked at {model.k} of {model.num_patches} patches; wrote {args.output}')

@@ -1,4 +1,5 @@
-"""Dense fill: every cell of the high-res grid from the k extracted patch tokens.
+"""Dense fill: every cell of the high-res grid from the k extracted patch tokens; the authors' inverse-distance
+fill, and a learned one that adds what the selector saw (`SelectorInformedFill`).
 
 Each cell takes the inverse-distance-weighted mean of its K nearest chosen patches (Euclidean
 distance on grid coordinates, weight 1 / (d + eps)). Equidistant candidates are ranked by their
@@ -13,9 +14,10 @@ one `embedding_bag` (a fused gather and weighted sum), which never materialises 
 from typing import Tuple
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ['nearest_chosen', 'idw_fill']
+__all__ = ['nearest_chosen', 'idw_fill', 'SelectorInformedFill']
 
 # Largest (B, rows, cols, k) key block built at once: 2^24 int32 = 64 MiB, so 2072 px, batch 8
 # searches in slices instead of allocating gigabytes.
@@ -113,3 +115,62 @@ def idw_fill(
         bags, values.reshape(batch_size * num_keep, channels),
         per_sample_weights=weights.flatten(0, 1), mode='sum')  # (B * N, C)
     return filled.view(batch_size, nearest.shape[1], channels)  # (B, N, C); explicit sizes: B may be 0
+
+
+class SelectorInformedFill(nn.Module):
+    """A learned fill: every cell of the high-res grid from the authors' inverse-distance fill of the k extracted
+    tokens, refined with what the selector already saw of it at low resolution.
+
+    The selector looked at every region of the image (its patch tokens on the low-res grid, and its map: how much
+    the region matters) before the extractor saw k of them; the inverse-distance fill throws that view away and
+    paints an unseen cell with its nearest chosen neighbours. Here each cell gets a residual from its filled
+    features, the selector's tokens resized to the high-res grid, its map logit, whether it was chosen and how
+    far the nearest chosen patch is; a 3x3 depth-wise convolution lets it read its neighbours, so a sign seen in
+    one patch can take the shape the low-res view gives it. The last layer starts at zero: before training, the
+    fill is the authors'.
+
+    Cost per cell: about 2 * (D + hidden + 3) * hidden + 2 * hidden * D FLOPs (D = 128, hidden = 64: 41 kFLOPs,
+    0.04 GFLOPs for a 32x32 grid), beside the extractor's k patches.
+    """
+
+    def __init__(self, embed_dim: int, selector_dim: int, hidden_dim: int = 64, refine_chosen: bool = True):
+        """
+        Args:
+            embed_dim: channels of the filled grid (the extractor's tokens).
+            selector_dim: channels of the selector's patch tokens.
+            hidden_dim: channels of the refinement.
+            refine_chosen: also refine the cells the extractor saw (else they keep their own tokens).
+        """
+        super().__init__()
+        self.refine_chosen = refine_chosen
+        self.selector_proj = nn.Linear(selector_dim, hidden_dim)
+        self.mix = nn.Conv2d(embed_dim + hidden_dim + 3, hidden_dim, kernel_size=1)
+        self.spatial = nn.Conv2d(hidden_dim, hidden_dim, kernel_size=3, padding=1, groups=hidden_dim)
+        self.out = nn.Conv2d(hidden_dim, embed_dim, kernel_size=1)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(
+            self,
+            filled: torch.Tensor,
+            indices: torch.Tensor,
+            selector_tokens: torch.Tensor,
+            selector_grid: Tuple[int, int],
+            map_logits: torch.Tensor,
+    ) -> torch.Tensor:
+        """(B, D, rows, cols) inverse-distance fill, (B, k) chosen ids, (B, h * w, Ds) selector patch tokens on
+        its (h, w) grid, (B, rows * cols) map logits -> (B, D, rows, cols) refined fill."""
+        batch_size, _, rows, cols = filled.shape
+        seen = torch.zeros(batch_size, rows * cols, device=filled.device, dtype=filled.dtype)
+        seen.scatter_(1, indices, 1.)  # (B, N)
+        _, distance = nearest_chosen(indices, (rows, cols), 1)  # (B, N, 1)
+        view = self.selector_proj(selector_tokens).transpose(1, 2).reshape(batch_size, -1, *selector_grid)
+        view = F.interpolate(view, size=(rows, cols), mode='bilinear', align_corners=False)  # (B, hidden, rows, cols)
+        cues = torch.stack([map_logits.to(filled.dtype), seen, distance[..., 0].to(filled.dtype).clamp(max=8) / 8],
+                           dim=1).view(batch_size, 3, rows, cols)  # (B, 3, rows, cols)
+        hidden = F.gelu(self.mix(torch.cat([filled, view, cues], dim=1)))
+        hidden = hidden + F.gelu(self.spatial(hidden))
+        residual = self.out(hidden)  # (B, D, rows, cols)
+        if not self.refine_chosen:
+            residual = residual * (1 - seen).view(batch_size, 1, rows, cols)
+        return filled + residual

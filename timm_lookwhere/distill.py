@@ -15,6 +15,8 @@ A run writes OUTPUT/last.pth, metrics.jsonl and args.json, and holds OUTPUT/lock
 second run on the same OUTPUT is refused. Stopped at any moment (even killed), it continues with
 `--resume` exactly where its last save left it; a changed argument is either honoured from the
 resumed step on (schedule, length, cadence, devices) or refused (model, teacher, objective, data).
+Arguments that make no run end as argparse's errors do (`lookwhere distill: error: ...`, exit 2), and
+write nothing into OUTPUT.
 """
 import argparse
 import contextlib
@@ -27,7 +29,6 @@ import pickle
 import re
 import sys
 import time
-import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
 
@@ -49,22 +50,17 @@ from timm.utils import NativeScaler, ParseKwargs, unwrap_model
 from timm.utils.distributed import init_distributed_device_so
 
 from .augment import create_train_transform
-from .distillation import (  # noqa: F401  (re-exported: this module was the library before it was split)
-    LOSS_WEIGHTS, REFERENCE_K_RANGE, REFERENCE_NUM_PATCHES, DistillTeacher, Distiller, ResumableSampler,
-    SeededImageDataset, TeacherAttentionLogits, TeacherTargetCache, check_teacher, default_k_range,
-    distillation_losses, image_batches, init_student_from_teacher, resolve_k_range, train_step,
-    warmup_cosine_scheduler,
+from .distillation import (
+    LOSS_WEIGHTS, DistillTeacher, Distiller, TeacherTargetCache, image_batches, init_student_from_teacher,
+    resolve_k_range, train_step, warmup_cosine_scheduler,
 )
 from .checkpoints import read_weights_file
-from .files import FolderLockedError, replacing, writer_lock
+from .files import HONOURED, REFUSED, RunFolder, RunFolderError, replacing, setting_changes
 from .lookwhere import LookWhere
 
 __all__ = [
-    'LOSS_WEIGHTS', 'default_k_range', 'resolve_k_range', 'TeacherAttentionLogits', 'DistillTeacher',
-    'check_teacher', 'init_student_from_teacher', 'distillation_losses', 'Distiller', 'train_step',
-    'TeacherTargetCache', 'SeededImageDataset', 'ResumableSampler', 'image_batches', 'RESUME_POLICY',
-    'create_student', 'create_teacher_for_student', 'create_data', 'train', 'add_arguments', 'add_subcommand',
-    'main',
+    'RESUME_POLICY', 'UsageError', 'create_student', 'create_teacher_for_student', 'create_data', 'train',
+    'add_arguments', 'add_subcommand', 'main',
 ]
 
 _logger = logging.getLogger(__name__)
@@ -72,9 +68,8 @@ _logger = logging.getLogger(__name__)
 CHECKPOINT_VERSION = 1
 
 # What `--resume` does with an argument given a value other than the run's. Honoured: applied from the
-# resumed step on, and recorded (args.json, the checkpoint's `argument_changes`). Refused: a ValueError,
+# resumed step on, and recorded (args.json, the checkpoint's `argument_changes`). Refused: an error,
 # as the run would turn into another experiment under the same name, or could not continue at all.
-HONOURED, REFUSED = 'honoured', 'refused'
 RESUME_POLICY: Dict[str, Tuple[str, str]] = dict(
     teacher=(REFUSED, "the teacher's tokens and attention are what the student learns"),
     teacher_checkpoint=(HONOURED, "a moved file is fine: the teacher's weights themselves are compared "
@@ -126,6 +121,12 @@ RESUME_POLICY: Dict[str, Tuple[str, str]] = dict(
     device=(HONOURED, 'checkpoints hold CPU tensors; another device may differ in the last bits'),
 )
 _PATH_ARGUMENTS = ('data_dir', 'teacher_checkpoint', 'teacher_cache', 'output')  # compared as absolute paths
+ARGS_RECORD = 'args.json'  # in --output: the arguments the run now uses
+
+
+class UsageError(ValueError):
+    """Arguments that do not make a run (values, files, a checkpoint to resume): the command line reports it as
+    argparse reports its own errors, `PROG: error: ...` with exit 2."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -180,19 +181,16 @@ def create_teacher_for_student(args: argparse.Namespace, student: LookWhere) -> 
     return teacher
 
 
-def create_teacher(args: argparse.Namespace, student: LookWhere) -> VisionTransformer:
-    """Deprecated name of `create_teacher_for_student`."""
-    warnings.warn(
-        'timm_lookwhere.distill.create_teacher(args, student) is now create_teacher_for_student(args, student); '
-        'timm_lookwhere.create_teacher(name) builds the teacher of a shipped model', DeprecationWarning, stacklevel=2)
-    return create_teacher_for_student(args, student)
-
-
 def create_data(args: argparse.Namespace, student: LookWhere) -> Tuple[Dataset, Any]:
-    dataset = create_dataset(
-        args.dataset, root=args.data_dir, split=args.train_split, is_training=True,
-        batch_size=args.batch_size, seed=args.seed,
-    )
+    try:
+        dataset = create_dataset(
+            args.dataset, root=args.data_dir, split=args.train_split, is_training=True,
+            batch_size=args.batch_size, seed=args.seed,
+        )
+    except RuntimeError as err:  # timm's image folder reader: 'Found 0 images in subfolders of ...'
+        if args.dataset:
+            raise
+        raise ValueError(f'--data-dir {args.data_dir}: {err}') from None
     data_config = resolve_data_config(model=student)  # the student's normalisation and interpolation
     input_size = (3, *student.patch_embed.img_size)
     norm = dict(mean=data_config['mean'], std=data_config['std'])
@@ -226,35 +224,36 @@ def _validate_args(args: argparse.Namespace) -> None:
     at_least = dict(batch_size=1, steps=1, grad_accum=1, log_every=1, save_every=1, keep_every=0, workers=0)
     for name, low in at_least.items():
         if getattr(args, name) < low:
-            raise ValueError(f'{flag(name)} must be >= {low}, got {getattr(args, name)}')
+            raise UsageError(f'{flag(name)} must be >= {low}, got {getattr(args, name)}')
     if args.warmup_steps < 0 or args.warmup_steps >= args.steps:
-        raise ValueError(f'--warmup-steps must be in [0, --steps), got {args.warmup_steps} with --steps {args.steps}')
+        raise UsageError(f'--warmup-steps must be in [0, --steps), got {args.warmup_steps} with --steps {args.steps}: '
+                         f'give --warmup-steps below it (e.g. {args.steps // 10})')
     if not (math.isfinite(args.lr) and args.lr > 0):
-        raise ValueError(f'--lr must be positive, got {args.lr}')
+        raise UsageError(f'--lr must be positive, got {args.lr}')
     # a negative lr or decay would climb the loss, a clip at or below 0 would zero or flip the gradients
     for name in ('warmup_lr', 'min_lr', 'weight_decay', 'opt_eps'):
         if not (math.isfinite(getattr(args, name)) and getattr(args, name) >= 0):
-            raise ValueError(f'{flag(name)} must be >= 0, got {getattr(args, name)}')
+            raise UsageError(f'{flag(name)} must be >= 0, got {getattr(args, name)}')
     if args.clip_grad is not None and not args.clip_grad > 0:
-        raise ValueError(f'--clip-grad must be positive (leave it out for no clipping), got {args.clip_grad}')
+        raise UsageError(f'--clip-grad must be positive (leave it out for no clipping), got {args.clip_grad}')
     if not all(0 <= beta < 1 for beta in args.betas):
-        raise ValueError(f'--betas must be in [0, 1), got {list(args.betas)}')
+        raise UsageError(f'--betas must be in [0, 1), got {list(args.betas)}')
     if not 0 <= args.drop_path < 1:
-        raise ValueError(f'--drop-path is a probability in [0, 1), got {args.drop_path}')
+        raise UsageError(f'--drop-path is a probability in [0, 1), got {args.drop_path}')
     if not 0 < args.scale[0] <= args.scale[1] <= 1:
-        raise ValueError(f'--scale MIN MAX must be areas with 0 < MIN <= MAX <= 1, got {list(args.scale)}')
+        raise UsageError(f'--scale MIN MAX must be areas with 0 < MIN <= MAX <= 1, got {list(args.scale)}')
     if args.teacher_checkpoint and args.teacher_random_init:
-        raise ValueError('give --teacher-checkpoint or --teacher-random-init, not both')
+        raise UsageError('give --teacher-checkpoint or --teacher-random-init, not both')
     if not args.data_dir and not args.dataset:
-        raise ValueError('give --data-dir (an image folder) or --dataset (e.g. hfds/NAME, wds/NAME)')
+        raise UsageError('give --data-dir (an image folder) or --dataset (e.g. hfds/NAME, wds/NAME)')
     if args.data_dir and not args.dataset and not os.path.exists(args.data_dir):
-        raise ValueError(f'--data-dir {args.data_dir} does not exist')
+        raise UsageError(f'--data-dir {args.data_dir} does not exist')
     if args.teacher_cache and not args.no_aug:
-        raise ValueError('--teacher-cache keeps one set of targets per image, so it needs fixed inputs: add --no-aug')
+        raise UsageError('--teacher-cache keeps one set of targets per image, so it needs fixed inputs: add --no-aug')
     for name in ('output', 'teacher_cache'):
         path = getattr(args, name)
         if path and os.path.exists(path) and not os.path.isdir(path):
-            raise ValueError(f'{flag(name)} {path} is a file; give a folder (made if missing)')
+            raise UsageError(f'{flag(name)} {path} is a file; give a folder (made if missing)')
 
 
 # --------------------------------------------------------------------------------------------
@@ -315,22 +314,16 @@ def _comparable(name: str, value: Any) -> Any:
 
 
 def _resume_changes(state: Dict[str, Any], args: argparse.Namespace, path: str) -> Dict[str, List[Any]]:
-    """The run's arguments that differ in `args`, as {name: [old, new]}: all honoured ones, or a ValueError
-    naming every refused one."""
-    saved = state['args']
-    changed, refused = {}, []
-    for name, (verdict, why) in RESUME_POLICY.items():
-        if name == 'resume' or name not in saved:
-            continue
-        if _comparable(name, saved[name]) == _comparable(name, getattr(args, name)):
-            continue
-        if verdict == REFUSED:
-            refused.append(f'--{name.replace("_", "-")} {getattr(args, name)!r} (the run has {saved[name]!r}): {why}')
-        changed[name] = [saved[name], getattr(args, name)]
-    if refused:
-        raise ValueError(
-            f'--resume {path}: these arguments cannot change within a run:\n  ' + '\n  '.join(refused)
-            + '\nResume with the run\'s values (its args.json lists them), or start a new run in another --output.')
+    """The run's arguments that differ in `args`, as {name: [old, new]}: all honoured ones, or an error naming
+    every refused one (RESUME_POLICY)."""
+    names = [name for name in RESUME_POLICY if name != 'resume']
+    changed = setting_changes(
+        {name: state['args'][name] for name in names if name in state['args']},
+        {name: getattr(args, name) for name in names}, RESUME_POLICY,
+        show=lambda name, value: f'--{name.replace("_", "-")} {value!r}',
+        same=lambda name, old, new: _comparable(name, old) == _comparable(name, new),
+        refusal=f'--resume {path}: these arguments cannot change within a run',
+        way_out=f"Resume with the run's values (its {ARGS_RECORD} lists them), or start a new run in another --output.")
     if args.steps < state['step']:
         raise ValueError(f"--steps {args.steps} is below the {state['step']} steps {path} has done")
     return changed
@@ -371,10 +364,9 @@ def _truncate_metrics(path: str, step: int) -> None:
         f.writelines(kept)
 
 
-def _prepare_output(args: argparse.Namespace, start_step: int) -> None:
+def _prepare_output(folder: RunFolder, args: argparse.Namespace, start_step: int) -> None:
     _truncate_metrics(os.path.join(args.output, 'metrics.jsonl'), start_step)
-    with replacing(os.path.join(args.output, 'args.json')) as tmp, open(tmp, 'w') as f:
-        json.dump(_args_record(args), f, indent=2)
+    folder.write_record(_args_record(args))
 
 
 def _reduce_mean(values: Dict[str, torch.Tensor], world_size: int) -> Dict[str, float]:
@@ -387,23 +379,24 @@ def _reduce_mean(values: Dict[str, torch.Tensor], world_size: int) -> Dict[str, 
 
 
 @contextlib.contextmanager
-def _output_lock(output: str, rank: int, distributed: bool, device: torch.device) -> Iterator[None]:
-    """Rank 0, the only writer, holds the output folder for the run's life; every rank stops if it is refused."""
+def _output_folder(output: str, rank: int, distributed: bool, device: torch.device) -> Iterator[Optional[RunFolder]]:
+    """Rank 0, the only writer, holds the output folder for the run's life (yielded; None on the other ranks);
+    every rank stops if it is refused."""
     with contextlib.ExitStack() as stack:
-        refusal = None
+        refusal, folder = None, None
         if rank == 0:
             try:
-                stack.enter_context(writer_lock(output))
-            except FolderLockedError as err:
+                folder = stack.enter_context(RunFolder(output, ARGS_RECORD))
+            except RunFolderError as err:
                 refusal = err
         if distributed:
             refused = torch.tensor([int(refusal is not None)], device=device)
             dist.broadcast(refused, src=0)
             if refused.item() and refusal is None:
-                raise FolderLockedError(f'{output} is in use by another run: rank 0 could not lock it')
+                raise RunFolderError(f'{output}: rank 0 could not take it as the run folder (its error says why)')
         if refusal is not None:
             raise refusal
-        yield
+        yield folder
 
 
 # --------------------------------------------------------------------------------------------
@@ -614,16 +607,23 @@ def _build_run(args: argparse.Namespace, device: torch.device, rank: int, world_
 
 
 def train(args: argparse.Namespace) -> int:
-    """Run `lookwhere distill` with parsed arguments: check them, hold the output folder, resume or start, train."""
+    """Run `lookwhere distill` with parsed arguments: check them, hold the output folder, resume or start, train.
+
+    Arguments that do not make a run raise `UsageError` (or `files.RunFolderError` for the output folder: a file,
+    or in use) before the first step; what fails later is a fault or a bug.
+    """
     _validate_args(args)
     info = _distributed(args.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
     device, rank, world_size = torch.device(info['device']), info['global_rank'], info['world_size']
-    with _output_lock(args.output, rank, info['distributed'], device):
-        state = _resume_state(args, world_size)
-        run = _build_run(args, device, rank, world_size, info['distributed'], state)
+    with _output_folder(args.output, rank, info['distributed'], device) as folder:
+        try:  # the set-up reads every argument: its checks' errors name the argument
+            state = _resume_state(args, world_size)
+            run = _build_run(args, device, rank, world_size, info['distributed'], state)
+        except (ValueError, FileNotFoundError) as err:
+            raise UsageError(str(err)) from err
         del state  # the run holds copies of its tensors: free the memory
         if rank == 0 and run.start_step < args.steps:  # a finished run resumed has nothing to change there
-            _prepare_output(args, run.start_step)
+            _prepare_output(folder, args, run.start_step)
             _logger.info(
                 f'Distilling {args.teacher} into {args.model}: {run.student.num_patches} patches, k in '
                 f'{list(run.k_range)}, {run.images_per_step} images per step on {world_size} process(es).')
@@ -716,7 +716,17 @@ def add_subcommand(subparsers: argparse._SubParsersAction) -> None:
         'distill', help='pre-train a LookWhere model by what-where distillation from a timm ViT',
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)
-    parser.set_defaults(func=train)
+    parser.set_defaults(func=_command(parser))
+
+
+def _command(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]:
+    """`train`, its argument errors reported as `parser` reports its own (PROG: error: ..., exit 2)."""
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return train(args)
+        except (UsageError, RunFolderError) as err:
+            parser.error(str(err))
+    return run
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -725,7 +735,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     args = add_arguments(parser).parse_args(argv)
     logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname)s %(message)s')
-    return train(args)
+    return _command(parser)(args)
 
 
 if __name__ == '__main__':

@@ -136,8 +136,9 @@ def model_card(model: LookWhere, config: Dict[str, Any], repo_id: str, source: O
     if source:
         details['Weights'] = source
     k_arg = f'k_ratio={model.k_ratio}' if model.k_ratio is not None else f'k={model.k}'
-    usage = f"""Needs `pip install timm-lookwhere`: it registers the LookWhere architectures with timm (and with
-transformers' timm wrapper), no import needed.
+    usage = f"""Needs the timm-lookwhere package, which registers the LookWhere architectures with timm (and with
+transformers' timm wrapper), no import needed. It is not on PyPI: install it from its source tree,
+`pip install PATH/TO/timm-lookwhere` (or a wheel built there with `pip wheel --no-deps PATH/TO/timm-lookwhere`).
 
 ```python
 import timm, torch

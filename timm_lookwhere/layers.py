@@ -107,8 +107,9 @@ def low_res_copy(
         padded_size: Tuple[int, int],
         mean: torch.Tensor,
         std: torch.Tensor,
+        dtype: torch.dtype,
 ) -> torch.Tensor:
-    """(B, C, H, W) images -> (B, C, *size) bilinear low-res copies, normalised float32.
+    """(B, C, H, W) images -> (B, C, *size) bilinear low-res copies, normalised (uint8 pixels: into `dtype`).
 
     A float batch is already normalised and on whole patches. uint8 pixels (H, W at most `padded_size`, the
     image's patch grid, the rest padding that normalises to zero, as the float path pads) are normalised on
@@ -129,7 +130,7 @@ def low_res_copy(
             padded[:, :, :height, :width] = x
             x = padded
         small = F.interpolate(x, size=size, mode='bilinear', align_corners=False, antialias=True)
-        return normalize_pixels(small, mean, std, 1)
+        return normalize_pixels(small, mean, std, 1).to(dtype)
     row_ids, row_weights = _linear_taps(size[0], padded_size[0], x.device)  # (h, 2) each
     col_ids, col_weights = _linear_taps(size[1], padded_size[1], x.device)  # (w, 2) each
     rows = normalize_pixels(x.index_select(2, row_ids.clamp(max=height - 1).flatten()), mean, std, 1)  # (B, C, 2h, W)
@@ -137,7 +138,7 @@ def low_res_copy(
     rows = (rows.unflatten(2, (size[0], 2)) * row_weights[:, :, None]).sum(3)  # (B, C, h, W)
     cells = rows.index_select(3, col_ids.clamp(max=width - 1).flatten())  # (B, C, h, 2w)
     cells = cells * (col_ids < width).flatten().to(cells.dtype)
-    return (cells.unflatten(3, (size[1], 2)) * col_weights).sum(4)  # (B, C, h, w)
+    return (cells.unflatten(3, (size[1], 2)) * col_weights).sum(4).to(dtype)  # (B, C, h, w)
 
 
 def _cubic_taps(dst: torch.Tensor, in_len: int, out_len: int) -> Tuple[torch.Tensor, torch.Tensor]:

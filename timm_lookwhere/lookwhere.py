@@ -46,7 +46,8 @@ from .layers import SparsePatchEmbed, check_image_batch, low_res_copy
 from .many_sizes import attention_mask, is_many, pad_tokens, read_many, similar_k_groups, zero_padding
 
 __all__ = [
-    'LookWhere', 'LookWhereSelector', 'TopKSelect', 'SelectionRecorder', 'checkpoint_filter_fn',
+    'LookWhere', 'LookWhereSelector', 'TopKSelect', 'SelectionRecorder', 'RandomSelection', 'PreferredSelection',
+    'checkpoint_filter_fn',
 ]
 
 _logger = logging.getLogger(__name__)
@@ -228,18 +229,18 @@ class LookWhereSelector(nn.Module):
         on what the copy reads (see `layers.low_res_copy`)."""
         patch = self.backbone.patch_embed.patch_size[0]
         padded = (grid_size[0] * patch, grid_size[1] * patch)
-        copy = low_res_copy(x, self.img_size, self.antialias_for(padded), padded, pixel_mean, pixel_std)
-        return copy if x.is_floating_point() else copy.to(self.backbone.pos_embed.dtype)
+        return low_res_copy(x, self.img_size, self.antialias_for(padded), padded, pixel_mean, pixel_std,
+                            self.backbone.pos_embed.dtype)
 
-    def forward(self, low_res: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, low_res: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(B, C, 154, 154) low-res copies -> (B, 1, 44, 44) map logits in the blocks of the authors' layout,
-        (B, P, D) prefix tokens."""
+        (B, P, D) prefix tokens, (B, 121, D) its patch tokens (its own view of every region)."""
         x = self.backbone.forward_features(low_res)  # (B, P + 121, D)
-        prefix, patches = x[:, :self.num_prefix_tokens], x[:, self.num_prefix_tokens:]
         # contiguous: on a strided slice F.linear falls back to a batched matmul with the weight
         # copied per image (2x slower on CPU); a copy of the 121 tokens lets it use one GEMM
-        logits = self.head(patches.contiguous())  # (B, 121, m*m)
-        return self.map_layout(logits), prefix  # (B, 1, 44, 44), (B, P, D)
+        prefix, patches = x[:, :self.num_prefix_tokens], x[:, self.num_prefix_tokens:].contiguous()
+        logits = self.head(patches)  # (B, 121, m*m)
+        return self.map_layout(logits), prefix, patches  # (B, 1, 44, 44), (B, P, D), (B, 121, D)
 
     @staticmethod
     def map_on_grid(map_blocks: torch.Tensor, grid_size: Tuple[int, int]) -> torch.Tensor:
@@ -274,29 +275,120 @@ class TopKSelect(nn.Module):
         return f'k={self.k}' if self.k_ratio is None else f'k={self.k}, k_ratio={self.k_ratio}'
 
 
-class SelectionRecorder:
-    """Records the selector map and the chosen indices of every forward, for visualisation.
-
-        with SelectionRecorder(model) as rec:
-            model(images)
-        rec.records[-1]['map'], rec.records[-1]['indices']  # (B, N), (B, k)
-    """
+class _TopKHook:
+    """A forward hook on a LookWhere's `topk` while a `with` block lasts. Hooks run in the order the blocks were
+    entered, and one that returns ids replaces them for the hooks after it (a recorder entered last sees them)."""
 
     def __init__(self, model: 'LookWhere'):
         self.model = model
-        self.records: List[Dict[str, torch.Tensor]] = []
         self._handle = None
 
-    def _hook(self, module, args, output):
-        self.records.append(dict(map=args[0].detach().cpu(), indices=output.detach().cpu()))
+    def _hook(self, module: nn.Module, args: Tuple[torch.Tensor], indices: torch.Tensor) -> Optional[torch.Tensor]:
+        raise NotImplementedError
 
-    def __enter__(self) -> 'SelectionRecorder':
+    def __enter__(self):
         self._handle = self.model.topk.register_forward_hook(self._hook)
         return self
 
     def __exit__(self, *exc) -> None:
         self._handle.remove()
         self._handle = None
+
+
+class SelectionRecorder(_TopKHook):
+    """Records the selector map and the chosen indices of every forward, for visualisation.
+
+        with SelectionRecorder(model) as rec:
+            model(images)
+        rec.records[-1]['map'], rec.records[-1]['indices']  # (B, N), (B, k); a record per image for a list
+    """
+
+    def __init__(self, model: 'LookWhere'):
+        super().__init__(model)
+        self.records: List[Dict[str, torch.Tensor]] = []
+
+    def _hook(self, module, args, indices):
+        self.records.append(dict(map=args[0].detach().cpu(), indices=indices.detach().cpu()))
+
+
+class RandomSelection(_TopKHook):
+    """As many random patches as the selector would choose, in place of its choice, while the `with` block lasts:
+    the ablation that says what choosing is worth.
+
+        with RandomSelection(model, seed=0):
+            model(images)
+
+    The patches come from a generator seeded with `seed` as the block starts: the same seed gives the same
+    patches in every block, another seed others. Drawn on the CPU, so the device does not change them.
+    """
+
+    def __init__(self, model: 'LookWhere', seed: int = 0):
+        super().__init__(model)
+        self.seed = seed
+        self._generator: Optional[torch.Generator] = None
+
+    def __enter__(self) -> 'RandomSelection':
+        self._generator = torch.Generator().manual_seed(self.seed)
+        return super().__enter__()
+
+    def _hook(self, module, args, indices):
+        scores = torch.rand(args[0].shape, generator=self._generator)  # (B, N)
+        return scores.topk(indices.shape[1], dim=1).indices.to(indices.device)  # (B, k)
+
+
+class PreferredSelection(_TopKHook):
+    """Chooses given patches first, then the rest in the selector's own order, while the `with` block lasts. With
+    the patches that hold the object preferred it is an oracle: what the extractor could do with a perfect selector.
+
+        with PreferredSelection(model, under_object):  # (n, N) bool, or n collections of flat patch ids
+            model(images)
+
+    `preferred` names the patches of each image, in the order the images will come through the model (one entry
+    per image, across forwards, from the first image of the block on): an (n, N) bool tensor for images on one
+    grid, or a sequence of n collections of flat patch ids (row-major on each image's own grid), which also
+    serves lists of images of many sizes. The k chosen are the preferred patches, best scored first, then the
+    others, best scored first; where more are preferred than k, the best scored of them.
+    """
+
+    def __init__(self, model: 'LookWhere', preferred: Union[torch.Tensor, Sequence[Any]]):
+        super().__init__(model)
+        if isinstance(preferred, torch.Tensor) and (preferred.dim() != 2 or preferred.dtype != torch.bool):
+            raise ValueError(f'preferred patches must be an (n, N) bool tensor or n collections of patch ids, got a '
+                             f'{preferred.dtype} tensor of shape {list(preferred.shape)}')
+        self.preferred = preferred
+        self._next = 0  # the image the next top-k row belongs to
+
+    def __enter__(self) -> 'PreferredSelection':
+        self._next = 0
+        return super().__enter__()
+
+    def _rows(self, batch_size: int, num_patches: int) -> torch.Tensor:
+        """(B, N) bool: the preferred patches of the next `batch_size` images."""
+        first, self._next = self._next, self._next + batch_size
+        if self._next > len(self.preferred):
+            raise ValueError(f'PreferredSelection names the patches of {len(self.preferred)} images, and image '
+                             f'{self._next} has come: give an entry for every image the model sees in the block')
+        if isinstance(self.preferred, torch.Tensor):
+            if self.preferred.shape[1] != num_patches:
+                raise ValueError(f'preferred patches are ({len(self.preferred)}, {self.preferred.shape[1]}) but the '
+                                 f'image has {num_patches} patches: give ids per image for images of many sizes')
+            return self.preferred[first:self._next]
+        rows = torch.zeros(batch_size, num_patches, dtype=torch.bool)
+        for row, ids in enumerate(self.preferred[first:self._next]):
+            ids = torch.as_tensor(list(ids) if isinstance(ids, (set, frozenset)) else ids, dtype=torch.long)
+            if ids.numel() and (ids.min() < 0 or ids.max() >= num_patches):
+                raise ValueError(f'preferred patch ids of image {first + row} lie outside [0, {num_patches}), the '
+                                 f'patches of its grid: {ids[(ids < 0) | (ids >= num_patches)][:8].tolist()}')
+            rows[row, ids] = True
+        return rows
+
+    def _hook(self, module, args, indices):
+        scores = args[0]  # (B, N)
+        preferred = self._rows(*scores.shape).to(scores.device)  # (B, N)
+        order = scores.argsort(dim=1, descending=True, stable=True)  # (B, N) the selector's own order
+        # a stable sort on "preferred" keeps the selector's order within the preferred patches and within the rest
+        first = preferred.gather(1, order).to(torch.uint8).argsort(dim=1, descending=True, stable=True)
+        return order.gather(1, first)[:, :indices.shape[1]]  # (B, k)
 
 
 class LookWhere(nn.Module):
@@ -623,14 +715,14 @@ class LookWhere(nn.Module):
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.selector_trainable):
             low_res = torch.cat([self.selector.low_res_copy(image, grid, self.pixel_mean, self.pixel_std)
                                  for image, grid in zip(images, grids)])  # (B, C, 154, 154)
-            map_blocks, prefix = self.selector(low_res)  # (B, 1, 44, 44), (B, P, D)
+            map_blocks, prefix, selector_tokens = self.selector(low_res)  # (B, 1, 44, 44), (B, P, D), (B, 121, D)
             if not many:
                 map_logits = self.selector.map_on_grid(map_blocks, grids[0])  # (B, N)
                 return dict(many=False, map=map_logits, indices=self._top_k(map_logits), grid_size=grids[0],
-                            prefix=prefix, images=x, cells=None)
+                            prefix=prefix, selector_tokens=selector_tokens, images=x, cells=None)
             maps = [self.selector.map_on_grid(map_blocks[i:i + 1], grid) for i, grid in enumerate(grids)]  # (1, N_i)
         return dict(many=True, map=maps, indices=[self._top_k(m) for m in maps], grid_size=grids, prefix=prefix,
-                    images=images, cells=cells)
+                    selector_tokens=selector_tokens, images=images, cells=cells)
 
     def embed_patches(
             self,
@@ -720,8 +812,9 @@ class LookWhere(nn.Module):
         return dict(patches=out['tokens'], patch_valid=out['patch_valid']) if out['many'] else out['tokens']
 
     def forward_all(self, x: Images) -> Dict[str, Any]:
-        """Everything one forward computes: `map` (B, N) logits, `indices` (B, k), `tokens` (B, P + k, D), and
-        `grid_size`, the image's (rows, cols) patch grid the map and the ids refer to.
+        """Everything one forward computes: `map` (B, N) logits, `indices` (B, k), `tokens` (B, P + k, D),
+        `grid_size`, the image's (rows, cols) patch grid the map and the ids refer to, and `selector_tokens`
+        (B, h * w, D), the selector's patch tokens on its low-res grid (`selector.grid_size`).
 
         For many images (a list, or a NaFlex dict): `map`, `indices` and `grid_size` are lists, one entry per
         image ((N_i,), (k_i,), (rows_i, cols_i)); `tokens` is (B, P + k_max, D) and `patch_valid` (B, k_max)
@@ -730,7 +823,7 @@ class LookWhere(nn.Module):
         out = self._forward_embeds(x)
         tokens, _ = self._forward_blocks(out['tokens'], out['patch_valid'])
         result = dict(map=out['map'], indices=out['indices'], tokens=self._final_norm(tokens, out['patch_valid']),
-                      grid_size=out['grid_size'])
+                      grid_size=out['grid_size'], selector_tokens=out['selector_tokens'])
         if out['many']:
             result.update(map=[m[0] for m in out['map']], indices=[ids[0] for ids in out['indices']],
                           patch_valid=out['patch_valid'])

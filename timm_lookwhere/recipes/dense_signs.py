@@ -27,51 +27,46 @@ weighted by `background_weight` (signs are ~1% of the pixels).
 
 Every stage keeps its output in --output and is skipped when it is there; the training stages save their
 state every few minutes, so a stopped run goes on where it stopped. Progress (with time left) goes to the
-console and OUTPUT/run.log, each stage's wall time to OUTPUT/timings.json. The evaluation on fresh test
-scenes is a benchmark of the source tree: `python benchmarks/dense_signs.py --output DIR`.
+console and OUTPUT/run.log, each stage's wall time to OUTPUT/timings.json. The folder holds one run:
+OUTPUT/run.json keeps its --tiny and --set (each value checked before the first stage), a launch with other
+settings is refused, and so is a second launch while one runs. The evaluation on fresh test scenes is a
+benchmark of the source tree: `python benchmarks/dense_signs.py --output DIR`.
 
     python -m timm_lookwhere.recipes.dense_signs --output runs/dense_signs --ship   # about 40 min on 2 cores
     python -m timm_lookwhere.recipes.dense_signs --output /tmp/ds_tiny --tiny       # every stage, a tiny model
 """
-import argparse
 import dataclasses
 import logging
-import math
 import os
-import shutil
 import sys
-from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import save_file
 from torch.utils.data import DataLoader
 
 import timm
 from timm.layers import resample_abs_pos_embed
-from timm.optim import create_optimizer_v2
 
-from ..distillation import warmup_cosine_scheduler
-from ..files import replacing, writer_lock
 from ..scenes import NUM_SIGNS_RANGE, SEGMENTATION_CLASSES, WIDE_AREA_RANGE, DenseSceneTensors, DenseSigns
 from ..segmentation import (
-    SHIPPED_SEGMENTERS, LookWhereSegmenter, confusion_matrix, create_segmenter, mean_iou, segmentation_loss,
+    SHIPPED_SEGMENTERS, LookWhereSegmenter, ViTSegmenter, confusion_matrix, create_segmenter, mean_iou,
+    segmentation_loss,
 )
-from ..teachers import TEACHER_BASE, create_teacher, dense_counterpart_kwargs
-from .sparse_signs import normalize, window_features
+from ..teachers import SHIPPED_TEACHER_FILES, create_dense_counterpart, create_teacher
 from .stages import (
-    Progress, apply_overrides, check_stage_arguments, gflops, read_run, run_stages, save, start_run, train_steps,
+    Recipe, cached_split, count, equal_cost_size, export_fp16, fit, int_range, kwargs,
+    lookwhere_model, normalize, number, random_indices, same_architecture, save, share_range, step_count, text,
     write_json,
 )
 
-__all__ = ['RunConfig', 'CONFIGS', 'STAGES', 'K_RATIOS', 'ViTSegmenter', 'main']
+__all__ = ['RunConfig', 'CONFIGS', 'STAGES', 'K_RATIOS', 'RECIPE', 'main']
 
 _logger = logging.getLogger('dense_signs')
 
 TAG = 'dense_signs'
-RECIPE = 'python -m timm_lookwhere.recipes.dense_signs'
+RECIPE_COMMAND = 'python -m timm_lookwhere.recipes.dense_signs'
 K_RATIOS = (0.02, 0.05, 0.10, 0.20)
 STAGES = ('data', 'teacher', 'lookwhere', 'lowres', 'export')  # the evaluation is a benchmark's
 NUM_CLASSES = len(SEGMENTATION_CLASSES)
@@ -145,38 +140,21 @@ def load_split(out: str, cfg: RunConfig, split: str, num: int, workers: int, see
     of 512 px are 3.1 GB: batches read only what they draw)."""
     name = f'dense_{split}_s{seed}_{num}_{cfg.img_size}px_signs{cfg.num_signs[0]}-{cfg.num_signs[1]}'
     folder = os.path.join(out, 'cache')
-    images_path, masks_path = (os.path.join(folder, f'{name}.{kind}.u8') for kind in ('images', 'masks'))
-    done_path = os.path.join(folder, name + '.done')
-    shapes = dict(images=(num, 3, cfg.img_size, cfg.img_size), masks=(num, cfg.img_size, cfg.img_size))
-    if not os.path.exists(done_path):
-        os.makedirs(folder, exist_ok=True)
+
+    def loader() -> DataLoader:
         _logger.info(f'generating {num} dense {split} scenes of {cfg.img_size} px')
         dense = DenseSigns(split, num, cfg.img_size, seed=seed, num_signs=cfg.num_signs, area_range=WIDE_AREA_RANGE)
-        loader = DataLoader(DenseSceneTensors(dense), batch_size=32, num_workers=workers)
-        progress = Progress(f'data ({split})', math.ceil(num / 32))
-        with writer_lock(folder), replacing(images_path) as tmp_images, replacing(masks_path) as tmp_masks:
-            images = np.memmap(tmp_images, dtype=np.uint8, mode='w+', shape=shapes['images'])
-            masks = np.memmap(tmp_masks, dtype=np.uint8, mode='w+', shape=shapes['masks'])
-            start = 0
-            for step, (image, mask) in enumerate(loader, start=1):
-                images[start:start + len(image)], masks[start:start + len(mask)] = image.numpy(), mask.numpy()
-                start += len(image)
-                progress.update(step)
-            images.flush()
-            masks.flush()
-            del images, masks
-        open(done_path, 'w').close()  # last: a split with its done file is whole
-    # copy-on-write: torch wants a writable array; nothing writes to it, and the files never change
-    return {kind: torch.from_numpy(np.memmap(path, dtype=np.uint8, mode='c', shape=shapes[kind]))
-            for kind, path in (('images', images_path), ('masks', masks_path))}
+        return DataLoader(DenseSceneTensors(dense), batch_size=32, num_workers=workers)
+    files = dict(images=(os.path.join(folder, f'{name}.images.u8'), (num, 3, cfg.img_size, cfg.img_size)),
+                 masks=(os.path.join(folder, f'{name}.masks.u8'), (num, cfg.img_size, cfg.img_size)))
+    return cached_split(files, os.path.join(folder, name + '.done'), loader, what=f'data ({split})')
 
 
 def cached_batches(data: Dict[str, torch.Tensor], batch_size: int, stride: int,
                    generator: torch.Generator) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
     """Endless (normalised images (B, 3, H, W), masks (B, H / stride, W / stride)) drawn at random with
     `generator`; the mask keeps the pixel at the centre of each stride x stride block."""
-    while True:
-        index = torch.randint(len(data['masks']), (batch_size,), generator=generator).sort().values  # file order
+    for index in random_indices(len(data['masks']), batch_size, generator):
         yield normalize(data['images'][index]), data['masks'][index][:, stride // 2::stride, stride // 2::stride]
 
 
@@ -186,8 +164,7 @@ def window_batches(data: Dict[str, torch.Tensor], batch_size: int, stride: int, 
     patches around a random sign pixel of each drawn scene, placed at random, with its top-left patch."""
     grid = data['masks'].shape[-1] // patch
     side = window * patch
-    while True:
-        index = torch.randint(len(data['masks']), (batch_size,), generator=generator).sort().values
+    for index in random_indices(len(data['masks']), batch_size, generator):
         crops, masks, rows, cols = [], [], [], []
         for i in index.tolist():
             mask = data['masks'][i]
@@ -215,41 +192,6 @@ def sign_patches(masks: torch.Tensor, patch: int) -> torch.Tensor:
 # models
 
 
-class ViTSegmenter(nn.Module):
-    """A full-res timm ViT with LookWhere's segmentation head: a linear layer on every patch token, logits
-    upsampled to the pixels. With `img_size`, it sees a low-res copy of that side instead (the baseline at
-    equal cost), its grid's logits upsampled to the full image."""
-
-    def __init__(self, vit: nn.Module, num_classes: int, img_size: Optional[int] = None):
-        super().__init__()
-        vit.reset_classifier(0)
-        self.vit = vit
-        self.img_size = img_size
-        self.head = nn.Conv2d(vit.embed_dim, num_classes, kernel_size=1)
-        nn.init.trunc_normal_(self.head.weight, std=0.02)
-        nn.init.zeros_(self.head.bias)
-
-    def forward_window(self, crops: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-        """Cell logits of windows of the full image at their true positions (see sparse_signs.window_features):
-        (B, 3, w*p, w*p), top-left patches (B,), (B,) -> (B, C, w, w)."""
-        tokens = window_features(self.vit, crops, rows, cols)[:, self.vit.num_prefix_tokens:]  # (B, w*w, D)
-        side = crops.shape[-1] // self.vit.patch_embed.patch_size[0]
-        return self.head(tokens.transpose(1, 2).reshape(len(crops), -1, side, side))
-
-    def forward_cells(self, x: torch.Tensor) -> torch.Tensor:
-        if self.img_size is not None:
-            x = F.interpolate(x, size=(self.img_size, self.img_size), mode='bilinear', antialias=True,
-                              align_corners=False)
-        tokens = self.vit.forward_features(x)[:, self.vit.num_prefix_tokens:]  # (B, N, D)
-        rows, cols = self.vit.patch_embed.dynamic_feat_size(x.shape[-2:])
-        grid = tokens.transpose(1, 2).reshape(len(x), -1, rows, cols)  # (B, D, rows, cols)
-        return self.head(grid)  # (B, C, rows, cols)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) -> (B, C, H, W) logits."""
-        return F.interpolate(self.forward_cells(x), size=x.shape[-2:], mode='bilinear', align_corners=False)
-
-
 def lookwhere_kwargs(cfg: RunConfig) -> Dict[str, Any]:
     return dict(cfg.model_kwargs)
 
@@ -257,11 +199,11 @@ def lookwhere_kwargs(cfg: RunConfig) -> Dict[str, Any]:
 def teacher_vit(cfg: RunConfig, img_size: Optional[int] = None) -> nn.Module:
     """The full-res ViT: the shipped sign teacher of `cfg.init_tag` (its position embeddings resized to
     `img_size`), or the LookWhere extractor's architecture at random."""
+    size = {'img_size': img_size} if img_size else {}
     if cfg.init_tag:
-        return create_teacher(f'{cfg.model}.{cfg.init_tag}', **({'img_size': img_size} if img_size else {}))
-    kwargs = dense_counterpart_kwargs(timm.create_model(cfg.model, num_classes=0, **cfg.model_kwargs))
-    kwargs['img_size'] = img_size or kwargs['img_size']
-    return timm.create_model(TEACHER_BASE, **dict(kwargs, init_values=1.0))
+        return create_teacher(f'{cfg.model}.{cfg.init_tag}', **size)
+    lookwhere = timm.create_model(cfg.model, num_classes=0, **cfg.model_kwargs)
+    return create_dense_counterpart(lookwhere, init_values=1.0, **size)
 
 
 def load_teacher(out: str, cfg: RunConfig) -> ViTSegmenter:
@@ -298,7 +240,7 @@ def load_lookwhere(path: str, cfg: RunConfig, **kwargs) -> LookWhereSegmenter:
 # training and validation
 
 
-def fit(
+def fit_segmenter(
         stage: str,
         model: nn.Module,
         batches: Iterator[tuple],
@@ -308,24 +250,16 @@ def fit(
         state_path: str,
         generators: Sequence[torch.Generator] = (),
         before_step: Optional[Callable[[int], None]] = None,
-        weight_decay: float = 0.05,
         head_lr_scale: float = 1.,
 ) -> None:
-    """AdamW with warm-up then cosine (timm's optimizer and the project's scheduler) on `loss_fn(model, batch)`;
-    the new linear head (`model.head`) at `head_lr_scale` times the lr: Adam moves a weight by about the lr per
-    step, so a head from its init needs a larger one than a pretrained backbone can take.
-
-    Every SAVE_EVERY_S seconds and at the end the weights, the optimiser and the random `generators` that
-    draw the batches go to `state_path`, from which a stopped run continues onto the same batches.
-    """
+    """`stages.fit` on `loss_fn(model, batch)`, the new linear head (`model.head`) at `head_lr_scale` times the lr:
+    Adam moves a weight by about the lr per step, so a head from its init needs a larger one than a pretrained
+    backbone can take."""
     head = {id(p) for p in model.head.parameters()}
     groups = [dict(params=[p for p in model.parameters() if p.requires_grad and id(p) not in head]),
               dict(params=list(model.head.parameters()), lr=lr * head_lr_scale)]
-    optimizer = create_optimizer_v2(groups, 'adamw', lr=lr, weight_decay=weight_decay)
-    warmup = max(1, steps // 10)
-    scheduler = warmup_cosine_scheduler(optimizer, steps, warmup, warmup_lr=lr / 100, min_lr=lr / 100)
-    train_steps(stage, model, optimizer, scheduler, batches, steps, lambda m, batch: (loss_fn(m, batch), {}),
-                state_path, generators, before_step, save_every_s=SAVE_EVERY_S)
+    fit(stage, model, batches, steps, lr, lambda m, batch: (loss_fn(m, batch), {}), state_path, generators,
+        before_step, param_groups=groups, save_every_s=SAVE_EVERY_S)
 
 
 def class_weight(cfg: RunConfig) -> torch.Tensor:
@@ -376,12 +310,14 @@ def stage_teacher(args, cfg: RunConfig) -> None:
     generator = torch.Generator().manual_seed(5)
     windows = window_batches(train, cfg.teacher_window_batch, cfg.loss_stride, cfg.teacher_window,
                              model.vit.patch_embed.patch_size[0], generator)
-    fit(f'teacher ({cfg.teacher_window}x{cfg.teacher_window}-patch windows)', model, windows,
+    fit_segmenter(
+        f'teacher ({cfg.teacher_window}x{cfg.teacher_window}-patch windows)', model, windows,
         cfg.teacher_window_steps, cfg.teacher_lr,
         lambda m, b: segmentation_loss(m.forward_window(b[0], b[2], b[3]), b[1], class_weight=weight),
         os.path.join(folder, 'windows.state.pth'), generators=(generator,), head_lr_scale=cfg.head_lr_scale)
     generator = torch.Generator().manual_seed(1)
-    fit('teacher (scenes)', model, cached_batches(train, cfg.teacher_batch, cfg.loss_stride, generator),
+    fit_segmenter(
+        'teacher (scenes)', model, cached_batches(train, cfg.teacher_batch, cfg.loss_stride, generator),
         cfg.teacher_steps, cfg.teacher_lr, cell_loss(cfg), os.path.join(folder, 'state.pth'), generators=(generator,),
         head_lr_scale=cfg.head_lr_scale)
     val = load_split(args.output, cfg, 'val', cfg.val_scenes, args.workers)
@@ -415,11 +351,14 @@ def stage_lookwhere(args, cfg: RunConfig) -> None:
             return F.mse_loss(model.backbone.forward_dense(batch[0]).flatten(2).transpose(1, 2), target)
 
         generator = torch.Generator().manual_seed(4)
-        fit('lookwhere (distil from the teacher)', model, cached_batches(train, cfg.lookwhere_batch, cfg.loss_stride,
-            generator), cfg.distill_steps, cfg.lookwhere_lr, match_teacher, os.path.join(folder, 'distill.state.pth'),
+        fit_segmenter(
+            'lookwhere (distil from the teacher)', model,
+            cached_batches(train, cfg.lookwhere_batch, cfg.loss_stride, generator), cfg.distill_steps,
+            cfg.lookwhere_lr, match_teacher, os.path.join(folder, 'distill.state.pth'),
             generators=(generator, k_generator), before_step=draw_k)
     generator = torch.Generator().manual_seed(2)
-    fit('lookwhere', model, cached_batches(train, cfg.lookwhere_batch, cfg.loss_stride, generator),
+    fit_segmenter(
+        'lookwhere', model, cached_batches(train, cfg.lookwhere_batch, cfg.loss_stride, generator),
         cfg.lookwhere_steps, cfg.lookwhere_lr, cell_loss(cfg), os.path.join(folder, 'state.pth'),
         generators=(generator, k_generator), before_step=draw_k, head_lr_scale=cfg.head_lr_scale)
     val = load_split(args.output, cfg, 'val', cfg.val_scenes, args.workers)
@@ -439,14 +378,9 @@ def lowres_size(cfg: RunConfig) -> int:
     k = `lowres_match_k` (both on a full-size image, the pixel logits included)."""
     lookwhere = create_segmenter(cfg.model, num_classes=NUM_CLASSES, k_ratio=cfg.lowres_match_k,
                                  **lookwhere_kwargs(cfg))
-    target = gflops(lookwhere, cfg.img_size)
-    patch = lookwhere.patch_size
-    sizes = list(range(2 * patch, cfg.img_size // 2 + 1, patch))
-    costs = [gflops(ViTSegmenter(teacher_vit(cfg, s), NUM_CLASSES, s), cfg.img_size) for s in sizes]
-    best = min(range(len(sizes)), key=lambda i: abs(math.log(costs[i] / target)))
-    _logger.info(f'low-res ViT: {sizes[best]} px costs {costs[best]:.4f} GFLOPs, LookWhere at '
-                 f'{cfg.lowres_match_k:.0%} {target:.4f}')
-    return sizes[best]
+    return equal_cost_size(lookwhere, cfg.img_size, lookwhere.patch_size, cfg.img_size // 2,
+                           lambda side: ViTSegmenter(teacher_vit(cfg, side), NUM_CLASSES, side),
+                           f'{cfg.lowres_match_k:.0%}')
 
 
 def stage_lowres(args, cfg: RunConfig) -> None:
@@ -461,7 +395,8 @@ def stage_lowres(args, cfg: RunConfig) -> None:
     model.load_state_dict(teacher)
     train = load_split(args.output, cfg, 'train', cfg.train_scenes, args.workers)
     generator = torch.Generator().manual_seed(3)
-    fit('lowres', model, cached_batches(train, cfg.lowres_batch, cfg.loss_stride, generator), cfg.lowres_steps,
+    fit_segmenter(
+        'lowres', model, cached_batches(train, cfg.lowres_batch, cfg.loss_stride, generator), cfg.lowres_steps,
         cfg.lowres_lr, cell_loss(cfg), os.path.join(folder, 'state.pth'), generators=(generator,),
         head_lr_scale=cfg.head_lr_scale)
     val = load_split(args.output, cfg, 'val', cfg.val_scenes, args.workers)
@@ -476,31 +411,52 @@ def export_path(out: str, cfg: RunConfig) -> str:
 
 
 def stage_export(args, cfg: RunConfig) -> None:
-    os.makedirs(os.path.join(args.output, 'export'), exist_ok=True)
-    state = torch.load(os.path.join(args.output, 'lookwhere', 'model.pth'), map_location='cpu', weights_only=True)
-    # fp16 halves the file; the benchmark measures these rounded weights
-    state = {k: v.half().contiguous() if v.is_floating_point() else v.contiguous() for k, v in state.items()}
-    path = export_path(args.output, cfg)
-    with replacing(path) as tmp:
-        save_file(state, tmp, metadata=dict(source=RECIPE, config=cfg.tag, classes=','.join(SEGMENTATION_CLASSES)))
-    _logger.info(f'exported {os.path.basename(path)}: {os.path.getsize(path) / 1e6:.2f} MB')
+    export_fp16(os.path.join(args.output, 'lookwhere', 'model.pth'), export_path(args.output, cfg),
+                dict(source=RECIPE_COMMAND, config=cfg.tag, classes=','.join(SEGMENTATION_CLASSES)))
 
 
-def ship(args, cfg: RunConfig) -> None:
-    target = SHIPPED_SEGMENTERS[cfg.tag][2]
-    os.makedirs(os.path.dirname(target), exist_ok=True)
-    shutil.copyfile(export_path(args.output, cfg), target)
-    _logger.info(f'shipped {target}')
+def shipped(out: str, cfg: RunConfig) -> Dict[str, str]:
+    return {export_path(out, cfg): SHIPPED_SEGMENTERS[cfg.tag][2]}
+
+
+# --------------------------------------------------------------------------------------------
+# settings
+
+
+RULES = dict(
+    model=lookwhere_model(), init_tag=text(), model_kwargs=kwargs(), img_size=count(), train_scenes=count(),
+    val_scenes=count(), test_scenes=count(), teacher_window_steps=step_count(), teacher_window_batch=count(),
+    teacher_steps=step_count(), teacher_batch=count(), teacher_lr=number(above=True), lookwhere_steps=step_count(),
+    lookwhere_batch=count(), lookwhere_lr=number(above=True), lowres_steps=step_count(), lowres_batch=count(),
+    lowres_lr=number(above=True), latency_runs=count(), latency_batch=count(), k_range=share_range(),
+    distill_steps=step_count(none=True), lowres_match_k=number(0, 1, above=True), loss_stride=count(),
+    teacher_window=count(), background_weight=number(), head_lr_scale=number(above=True), num_signs=int_range(1),
+    test_seed=count(0),
+)
+
+
+def check_config(cfg: RunConfig, model: nn.Module) -> List[Tuple[str, str]]:
+    """The settings that do not fit the others (`model` is the LookWhere they make): [(setting, what it must be)]."""
+    patch = model.patch_embed.patch_size[0]
+    grid = cfg.img_size // patch
+    if cfg.teacher_window > grid:
+        return [('teacher_window', f'at most the grid of {grid} patches a side')]
+    if cfg.loss_stride > patch:
+        return [('loss_stride', f'at most the {patch} px patch: the logits hold one value per patch')]
+    if cfg.init_tag:
+        shipped_with_teacher = sorted(name.split('.')[1] for name in SHIPPED_TEACHER_FILES
+                                      if name.startswith(f'{cfg.model}.'))
+        if cfg.init_tag not in shipped_with_teacher:
+            return [('init_tag', f"'' or the tag of a shipped {cfg.model} with its teacher: "
+                                 f'{", ".join(shipped_with_teacher) or "none ships"}')]
+        misfit = same_architecture(model, f'{cfg.model}.{cfg.init_tag}')
+        if misfit:
+            return [('init_tag', misfit)]
+    return []
 
 
 # --------------------------------------------------------------------------------------------
 # main
-
-
-def run_config(output: str) -> RunConfig:
-    """The configuration a recipe run in `output` last used (--tiny and --set)."""
-    run = read_run(output, RECIPE)
-    return dataclasses.replace(CONFIGS['tiny' if run['tiny'] else 'full'], **run['overrides'])
 
 
 STAGE_OUTPUTS = {
@@ -512,39 +468,17 @@ STAGE_OUTPUTS = {
 }
 RUNNERS = dict(data=stage_data, teacher=stage_teacher, lookwhere=stage_lookwhere, lowres=stage_lowres,
                export=stage_export)
+RECIPE = Recipe(
+    prog=RECIPE_COMMAND, description=__doc__, configs={'512': CONFIGS}, outputs=STAGE_OUTPUTS, runners=RUNNERS,
+    rules=RULES, create_model=lambda cfg: timm.create_model(cfg.model, num_classes=0, weight_init='skip',
+                                                            **cfg.model_kwargs),
+    check_config=check_config, shipped=shipped, benchmark='benchmarks/dense_signs.py',
+    set_example='background_weight=0.3',
+)
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog=RECIPE, description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    group = parser.add_argument_group('run')
-    group.add_argument('--output', required=True, metavar='DIR',
-                       help='folder for every stage output, run.log and timings.json')
-    group.add_argument('--tiny', action='store_true', help='a tiny model and a few steps: checks the code only')
-    group.add_argument('--stages', default=','.join(STAGES), help='comma-separated subset of ' + ','.join(STAGES))
-    group.add_argument('--redo', action='store_true', help='run the stages given even when their output exists')
-    group.add_argument('--ship', action='store_true',
-                       help='copy the exported segmenter into timm_lookwhere/weights (create_segmenter loads it)')
-    group.add_argument('--set', nargs='+', default=[], metavar='KEY=VALUE',
-                       help='change settings of the configuration (a lever), e.g. background_weight=0.3')
-    group = parser.add_argument_group('machine')
-    group.add_argument('--workers', type=int, default=2, help='scene-generating processes (default: 2)')
-    group.add_argument('--threads', type=int, default=2, help='torch threads (default: 2)')
-    args = parser.parse_args(argv)
-    check_stage_arguments(parser, args, STAGES, 'benchmarks/dense_signs.py')
-    return args
-
-
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    start_run(args.output, args.threads)
-    cfg, overrides = apply_overrides(CONFIGS['tiny' if args.tiny else 'full'], args.set)
-    write_json(os.path.join(args.output, 'run.json'), dict(tiny=args.tiny, overrides=overrides))
-    run_stages(args, cfg, STAGES, STAGE_OUTPUTS, RUNNERS)
-    if args.ship:
-        ship(args, cfg)
-    return 0
-
+run_config = RECIPE.run_config  # what a run folder holds, for the benchmark
+main = RECIPE.main
 
 if __name__ == '__main__':
     sys.exit(main())

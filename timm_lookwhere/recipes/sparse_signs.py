@@ -30,7 +30,9 @@ Stages:
 
 Every stage keeps its output in --output and is skipped when it is there, and the long ones save
 their state every few minutes, so a stopped run goes on where it stopped. Progress goes to the console
-and OUTPUT/run.log, each stage's time to OUTPUT/timings.json. A lever (one setting changed, see `--set`)
+and OUTPUT/run.log, each stage's time to OUTPUT/timings.json. The folder holds one run: OUTPUT/run.json
+keeps its --config, --tiny and --set, a launch with other settings is refused, and so is a second launch
+while one runs. A lever (one setting changed, see `--set`, each value checked before the first stage)
 runs in its own folder and only the stages it affects, sharing the other stages' outputs with a first
 run (`--share-from`).
 
@@ -47,46 +49,38 @@ folder this recipe wrote; its `--lever-table` compares lever runs.
 import argparse
 import dataclasses
 import logging
-import math
 import os
-import shutil
 import sys
-from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import save_file
 from torch.utils.data import DataLoader
 
 import timm
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import resample_abs_pos_embed
 from timm.loss import LabelSmoothingCrossEntropy
 from timm.models import get_pretrained_cfg
-from timm.optim import create_optimizer_v2
 
 from ..scenes import AREA_RANGE, CLASS_NAMES, WIDE_AREA_RANGE, SceneTensors, SparseSigns, sign_patches_seen, \
     write_image_folder
-from ..distillation import DistillTeacher, warmup_cosine_scheduler
-from ..files import replacing, writer_lock
+from ..distillation import DistillTeacher
 from ..lookwhere import SIGNS_RECIPE
-from ..teachers import SHIPPED_TEACHER_FILES, TEACHER_BASE, create_teacher, dense_counterpart_kwargs
+from ..teachers import SHIPPED_TEACHER_FILES, TEACHER_BASE, create_dense_counterpart, create_teacher, \
+    dense_counterpart_kwargs, window_features
 from .stages import (
-    Progress, apply_overrides, check_stage_arguments, gflops, read_run, run_logged, run_stages, save, start_run,
-    train_steps, write_json,
+    Recipe, Rule, cached_split, choice, count, equal_cost_size, export_fp16, fit, kwargs, lookwhere_model, normalize,
+    number, random_indices, run_logged, same_architecture, save, share_range, step_count, write_json,
 )
 
-__all__ = ['RunConfig', 'CONFIGS', 'STAGES', 'K_RATIOS', 'main']
+__all__ = ['RunConfig', 'CONFIGS', 'STAGES', 'K_RATIOS', 'RECIPE', 'main']
 
 _logger = logging.getLogger('sparse_signs')
 
 TAG = 'sparse_signs'
 K_RATIOS = (0.02, 0.05, 0.10)
 STAGES = ('data', 'teacher', 'distill', 'finetune', 'lowres', 'export')  # the evaluation is a benchmark's
-MEAN = torch.tensor(IMAGENET_DEFAULT_MEAN).view(1, 3, 1, 1)
-STD = torch.tensor(IMAGENET_DEFAULT_STD).view(1, 3, 1, 1)
 SAVE_EVERY_S = 300  # a long stage saves its state this often
 
 
@@ -167,45 +161,18 @@ CONFIGS: Dict[str, Dict[str, RunConfig]] = {
 # helpers
 
 
-def normalize(x: torch.Tensor) -> torch.Tensor:
-    """uint8 (B, 3, H, W) -> ImageNet-normalised float."""
-    return (x.float() / 255 - MEAN) / STD
-
-
 def load_split(out: str, cfg: RunConfig, split: str, num: int, workers: int, seed: int = 0) -> Dict[str, torch.Tensor]:
-    """A split as uint8 images (N, 3, H, W), labels (N,), boxes (N, 4), cached in OUTPUT/cache.
-
-    The images are a memory-mapped file (20 000 scenes of 512 px are 16 GB): batches read only
-    what they draw, and the page cache keeps what fits.
-    """
+    """A split as uint8 images (N, 3, H, W), memory-mapped, labels (N,) and boxes (N, 4), cached in OUTPUT/cache."""
     name = f'{split}_s{seed}_{num}_{cfg.img_size}px_area{cfg.area_range[0]:g}-{cfg.area_range[1]:g}'
     folder = os.path.join(out, 'cache')
-    images_path, meta_path = os.path.join(folder, name + '.u8'), os.path.join(folder, name + '.pt')
-    shape = (num, 3, cfg.img_size, cfg.img_size)
-    if not os.path.exists(meta_path):
+
+    def loader() -> DataLoader:
         _logger.info(f'generating {num} {split} scenes of {cfg.img_size} px')
         signs = SparseSigns(split, num, cfg.img_size, seed=seed, area_range=cfg.area_range)
-        loader = DataLoader(SceneTensors(signs), batch_size=64, num_workers=workers)
-        labels, boxes, start = [], [], 0
-        progress = Progress(f'data ({split})', math.ceil(num / 64))
-        with writer_lock(folder):  # the cache's only writer; it removes the (16 GB) partial file a killed one left
-            with replacing(images_path) as tmp:
-                images = np.memmap(tmp, dtype=np.uint8, mode='w+', shape=shape)
-                for step, (batch, label, box) in enumerate(loader, start=1):
-                    images[start:start + len(batch)] = batch.numpy()
-                    start += len(batch)
-                    labels.append(label)
-                    boxes.append(box)
-                    progress.update(step)
-                images.flush()
-                del images
-            # written last: a split with its meta file is whole
-            with replacing(meta_path) as tmp:
-                torch.save(dict(labels=torch.cat(labels), boxes=torch.cat(boxes)), tmp)
-    meta = torch.load(meta_path)
-    # copy-on-write: torch wants a writable array; nothing writes to it, and the file never changes
-    images = torch.from_numpy(np.memmap(images_path, dtype=np.uint8, mode='c', shape=shape))
-    return dict(images=images, **meta)
+        return DataLoader(SceneTensors(signs), batch_size=64, num_workers=workers)
+    images = (os.path.join(folder, name + '.u8'), (num, 3, cfg.img_size, cfg.img_size))
+    return cached_split(dict(images=images), os.path.join(folder, name + '.pt'), loader, kept=('labels', 'boxes'),
+                        what=f'data ({split})')
 
 
 @torch.no_grad()
@@ -227,15 +194,13 @@ def create_lookwhere(cfg: RunConfig, **kwargs) -> nn.Module:
 
 
 def build_teacher(cfg: RunConfig, img_size: Optional[int] = None, file: Optional[str] = None) -> nn.Module:
-    """The full-res ViT: the architecture of the LookWhere extractor, every patch, its own cls token."""
-    kwargs = dense_counterpart_kwargs(create_lookwhere(cfg, num_classes=len(CLASS_NAMES)))
-    kwargs['img_size'] = img_size or cfg.img_size
+    """The full-res ViT: the architecture of the LookWhere extractor, every patch, its own cls token; from `file`
+    (its position embeddings resized to `img_size`) or new."""
+    lookwhere = create_lookwhere(cfg, num_classes=len(CLASS_NAMES))
     if file is None:
         # layer scale starting at 1: a plain ViT at init, which trains from scratch faster than DINOv2's 1e-5
-        return timm.create_model(TEACHER_BASE, **dict(kwargs, init_values=1.0))
-    # timm resizes the position embedding to img_size; num_classes in the overlay keeps the head
-    overlay = dict(file=file, num_classes=len(CLASS_NAMES))
-    return timm.create_model(TEACHER_BASE, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
+        return create_dense_counterpart(lookwhere, img_size=img_size or cfg.img_size, init_values=1.0)
+    return create_dense_counterpart(lookwhere, file, img_size=img_size or cfg.img_size)
 
 
 def initial_teacher(cfg: RunConfig) -> nn.Module:
@@ -263,23 +228,6 @@ class LowResViT(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.interpolate(x, size=(self.img_size, self.img_size), mode='bilinear', antialias=True, align_corners=False)
         return self.vit(x)
-
-
-def window_features(vit: nn.Module, crops: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-    """Tokens of a full-res timm ViT (no_embed_class) on windows of the image at their true positions.
-
-    crops (B, 3, w*p, w*p) are the windows, rows/cols (B,) their top-left patch; the patches get the
-    position embeddings they have in the whole image, exactly as when the ViT sees all of it.
-    """
-    proj = vit.patch_embed.proj
-    p, grid_cols = proj.stride[0], vit.patch_embed.grid_size[1]
-    x = F.conv2d(crops, proj.weight, proj.bias, stride=p).flatten(2).transpose(1, 2)  # (B, w*w, D)
-    w = crops.shape[-1] // p
-    r, c = torch.meshgrid(torch.arange(w), torch.arange(w), indexing='ij')
-    index = (rows[:, None] + r.flatten()) * grid_cols + cols[:, None] + c.flatten()  # (B, w*w)
-    x = x + vit.pos_embed[0][index]
-    x = torch.cat([vit.cls_token.expand(len(x), -1, -1), x], dim=1)  # (B, 1 + w*w, D)
-    return vit.norm(vit.blocks(vit.norm_pre(x)))
 
 
 class PatchSupervisedViT(nn.Module):
@@ -335,9 +283,7 @@ def cached_batches(data: Dict[str, torch.Tensor], batch_size: int, generator: to
     """Endless batches (normalised images, labels, boxes) drawn at random from a cached split with
     `generator`; `crop(images, index, boxes)` cuts the drawn uint8 images itself (a window needs a
     fraction of a scene's pixels) and returns them with extra items for the batch."""
-    while True:
-        index = torch.randint(len(data['labels']), (batch_size,), generator=generator)
-        index = index.sort().values  # in file order: the memory-mapped cache reads forward
+    for index in random_indices(len(data['labels']), batch_size, generator):
         labels, boxes = data['labels'][index], data['boxes'][index]
         if crop is None:
             yield normalize(data['images'][index]), labels, boxes
@@ -346,7 +292,7 @@ def cached_batches(data: Dict[str, torch.Tensor], batch_size: int, generator: to
             yield normalize(images), labels, boxes, *where
 
 
-def fit(
+def fit_classifier(
         stage: str,
         model: nn.Module,
         batches: Iterator[tuple],
@@ -356,18 +302,9 @@ def fit(
         state_path: str,
         generators: Sequence[torch.Generator] = (),
         before_step: Optional[Callable[[int], None]] = None,
-        weight_decay: float = 0.05,
 ) -> None:
-    """Supervised training: AdamW, warm-up then cosine (timm's optimizer and scheduler), label smoothing 0.1.
-
-    `batches` yields tuples whose first two items are inputs and labels; `forward(model, batch)` gives
-    logits and a loss added to the label loss (0. for none). Every SAVE_EVERY_S seconds and at the end
-    the weights, the optimiser and the random `generators` that draw the batches go to `state_path`,
-    from which a stopped run continues onto the same batches; a finished one is only reloaded.
-    """
-    optimizer = create_optimizer_v2(model, 'adamw', lr=lr, weight_decay=weight_decay)
-    warmup = max(1, steps // 10)
-    scheduler = warmup_cosine_scheduler(optimizer, steps, warmup, warmup_lr=lr / 100, min_lr=lr / 100)
+    """Supervised training (`stages.fit`), label smoothing 0.1: `batches` yields tuples whose first two items are
+    inputs and labels; `forward(model, batch)` gives logits and a loss added to the label loss (0. for none)."""
     criterion = LabelSmoothingCrossEntropy(0.1)
 
     def step_loss(model: nn.Module, batch: tuple) -> Tuple[torch.Tensor, Dict[str, float]]:
@@ -375,8 +312,9 @@ def fit(
         accuracy = (logits.argmax(1) == batch[1]).float().mean().item()
         return criterion(logits, batch[1]) + extra_loss, dict(train_acc=accuracy)
 
-    train_steps(stage, model, optimizer, scheduler, batches, steps, step_loss, state_path, generators, before_step,
-                smoothing=0.95, save_every_s=SAVE_EVERY_S)
+    fit(stage, model, batches, steps, lr, step_loss, state_path, generators, before_step, smoothing=0.95,
+        save_every_s=SAVE_EVERY_S)
+
 
 # --------------------------------------------------------------------------------------------
 # stages
@@ -418,9 +356,9 @@ def stage_teacher(args, cfg: RunConfig) -> None:
             return logits, cfg.patch_loss_weight * patch_loss
 
         what = 'scenes' if window == grid else f'{window}x{window}-patch windows'
-        fit(f'teacher ({what})', model, cached_batches(train, batch_size, batch_generator, crop=windows), steps,
-            cfg.teacher_lr / 2 ** phase, forward, os.path.join(folder, f'phase{phase}.state.pth'),
-            generators=(batch_generator, window_generator))
+        fit_classifier(f'teacher ({what})', model, cached_batches(train, batch_size, batch_generator, crop=windows),
+                       steps, cfg.teacher_lr / 2 ** phase, forward, os.path.join(folder, f'phase{phase}.state.pth'),
+                       generators=(batch_generator, window_generator))
     teacher = model.vit
     val = load_split(args.output, cfg, 'val', cfg.val_images, args.workers)
     val_acc = accuracy(teacher, val)
@@ -512,9 +450,9 @@ def stage_finetune(args, cfg: RunConfig) -> None:
         model.set_k(k=int(torch.randint(k_lo, k_hi + 1, (1,), generator=k_generator)))
 
     train = load_split(args.output, cfg, 'train', cfg.train_scenes, args.workers)
-    fit('finetune', model, cached_batches(train, cfg.finetune_batch, batch_generator), cfg.finetune_steps,
-        cfg.finetune_lr, lambda m, b: (m(b[0]), 0.), os.path.join(folder, 'state.pth'),
-        generators=(batch_generator, k_generator), before_step=draw_k)
+    fit_classifier('finetune', model, cached_batches(train, cfg.finetune_batch, batch_generator), cfg.finetune_steps,
+                   cfg.finetune_lr, lambda m, b: (m(b[0]), 0.), os.path.join(folder, 'state.pth'),
+                   generators=(batch_generator, k_generator), before_step=draw_k)
     val = load_split(args.output, cfg, 'val', cfg.val_images, args.workers)
     val_acc = {}
     for ratio in K_RATIOS:
@@ -529,13 +467,8 @@ def stage_finetune(args, cfg: RunConfig) -> None:
 def lowres_size(cfg: RunConfig) -> int:
     """The low-res side (a multiple of the patch) whose ViT costs about what LookWhere costs at k = 5%."""
     model = create_lookwhere(cfg, num_classes=len(CLASS_NAMES), k_ratio=0.05)
-    target = gflops(model, cfg.img_size)
-    patch = model.patch_embed.patch_size[0]
-    sizes = list(range(2 * patch, cfg.img_size + 1, patch))
-    costs = [gflops(LowResViT(build_teacher(cfg, img_size=s), s), cfg.img_size) for s in sizes]
-    best = min(range(len(sizes)), key=lambda i: abs(math.log(costs[i] / target)))
-    _logger.info(f'low-res ViT: {sizes[best]} px costs {costs[best]:.4f} GFLOPs, LookWhere at 5% {target:.4f}')
-    return sizes[best]
+    return equal_cost_size(model, cfg.img_size, model.patch_embed.patch_size[0], cfg.img_size,
+                           lambda side: LowResViT(build_teacher(cfg, img_size=side), side), '5%')
 
 
 def stage_lowres(args, cfg: RunConfig) -> None:
@@ -546,8 +479,9 @@ def stage_lowres(args, cfg: RunConfig) -> None:
     model = LowResViT(build_teacher(cfg, img_size=size, file=os.path.join(args.output, 'teacher', 'model.pth')), size)
     train = load_split(args.output, cfg, 'train', cfg.train_scenes, args.workers)
     batch_generator = torch.Generator().manual_seed(3)
-    fit('lowres', model, cached_batches(train, cfg.finetune_batch, batch_generator), cfg.lowres_steps, cfg.lowres_lr,
-        lambda m, b: (m(b[0]), 0.), os.path.join(folder, 'state.pth'), generators=(batch_generator,))
+    fit_classifier('lowres', model, cached_batches(train, cfg.finetune_batch, batch_generator), cfg.lowres_steps,
+                   cfg.lowres_lr, lambda m, b: (m(b[0]), 0.), os.path.join(folder, 'state.pth'),
+                   generators=(batch_generator,))
     save(dict(img_size=size, state_dict=model.vit.state_dict()), os.path.join(folder, 'model.pth'))
 
 
@@ -561,52 +495,92 @@ def export_path(out: str, cfg: RunConfig, stage: str) -> str:
 
 
 def stage_export(args, cfg: RunConfig) -> None:
-    os.makedirs(os.path.join(args.output, 'export'), exist_ok=True)
     for stage in ('finetune', 'teacher'):
-        state = torch.load(os.path.join(args.output, stage, 'model.pth'), map_location='cpu', weights_only=True)
-        # fp16 halves the files; the evaluation below runs on these rounded weights
-        state = {k: v.half().contiguous() if v.is_floating_point() else v.contiguous() for k, v in state.items()}
-        path = export_path(args.output, cfg, stage)
-        with replacing(path) as tmp:
-            save_file(state, tmp, metadata=dict(source=SIGNS_RECIPE, stage=stage, config=cfg.tag))
-        _logger.info(f'exported {os.path.basename(path)}: {os.path.getsize(path) / 1e6:.2f} MB')
+        export_fp16(os.path.join(args.output, stage, 'model.pth'), export_path(args.output, cfg, stage),
+                    dict(source=SIGNS_RECIPE, stage=stage, config=cfg.tag))
 
 
-def ship(args, cfg: RunConfig) -> None:
-    for stage, target in shipped_files(cfg).items():
-        os.makedirs(os.path.dirname(target), exist_ok=True)
-        shutil.copyfile(export_path(args.output, cfg, stage), target)
-        _logger.info(f'shipped {target}')
+def shipped(out: str, cfg: RunConfig) -> Dict[str, str]:
+    return {export_path(out, cfg, stage): target for stage, target in shipped_files(cfg).items()}
 
 # --------------------------------------------------------------------------------------------
 # levers
 
 
-def share_stages(out: str, source: str, stages: Sequence[str]) -> None:
-    """Link into this run the outputs of another run's stages before the first one this run runs (a
-    lever changes one setting and redoes only what it affects); the scene caches go with the data."""
+def shared_folders(source: str, stages: Sequence[str]) -> List[str]:
+    """The folders of another run that this one links in: the outputs of the stages before the first one it runs
+    (a lever changes one setting and redoes only what it affects), the scene caches with the data."""
     first = min(STAGES.index(stage) for stage in stages)
     needed = [name for name in ('data', 'teacher', 'distill', 'finetune', 'lowres') if STAGES.index(name) < first]
-    for name in ['cache'] * ('data' in needed) + needed:
-        src, dst = os.path.abspath(os.path.join(source, name)), os.path.join(out, name)
-        if not os.path.exists(src):
-            raise FileNotFoundError(f'--share-from {source} has no {name}/: run its {name} stage first')
+    names = ['cache'] * ('data' in needed) + needed
+    for name in names:
+        if not os.path.isdir(os.path.join(source, name)):
+            raise ValueError(f'--share-from {source} has no {name}/: run its {name} stage first')
+    return names
+
+
+def add_share_from(group: argparse._ArgumentGroup) -> None:
+    group.add_argument('--share-from', default=None, metavar='DIR',
+                       help="use DIR's outputs (symlinks) of the stages before the first one this run runs")
+
+
+def check_share_from(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.share_from:
+        try:
+            shared_folders(args.share_from, args.stages.split(','))
+        except ValueError as err:
+            parser.error(str(err))
+
+
+def share_stages(args: argparse.Namespace, cfg: RunConfig) -> None:
+    """Link the --share-from run's folders into this one (those already there stay)."""
+    if not args.share_from:
+        return
+    for name in shared_folders(args.share_from, args.stages.split(',')):
+        dst = os.path.join(args.output, name)
         if not os.path.lexists(dst):
-            os.symlink(src, dst)
+            os.symlink(os.path.abspath(os.path.join(args.share_from, name)), dst)
 
 
 # --------------------------------------------------------------------------------------------
-# a run folder
+# settings
 
 
-def run_config(output: str) -> RunConfig:
-    """The configuration a recipe run in `output` last used: its --config, --tiny and --set."""
-    run = read_run(output, SIGNS_RECIPE)
-    return dataclasses.replace(CONFIGS[run['config']]['tiny' if run['tiny'] else 'full'], **run['overrides'])
+def _phases(value: Any) -> Tuple[Tuple[int, int, int], ...]:
+    ints = lambda p: all(isinstance(x, int) and not isinstance(x, bool) for x in p)  # noqa: E731
+    if not (isinstance(value, (tuple, list)) and value and all(
+            isinstance(p, (tuple, list)) and len(p) == 3 and ints(p) and p[0] >= 1 and p[1] >= 2 and p[2] >= 1
+            for p in value)):
+        raise ValueError(value)
+    return tuple(tuple(p) for p in value)
+
+
+PHASES = Rule('a non-empty tuple of (window side in patches >= 1, steps >= 2, batch >= 1), e.g. ((4, 3, 8),)',
+              _phases)
+RULES: Dict[str, Rule] = dict(
+    model=lookwhere_model(), img_size=count(), area_range=share_range(0.25), model_kwargs=kwargs(),
+    train_scenes=count(), distill_images=count(), teacher_phases=PHASES, teacher_lr=number(above=True),
+    patch_loss_weight=number(), distill_steps=step_count(), distill_batch=count(), distill_lr=number(above=True),
+    map_weight=number(), finetune_steps=step_count(), finetune_batch=count(), finetune_lr=number(above=True),
+    lowres_steps=step_count(), lowres_lr=number(above=True), val_images=count(), test_images=count(),
+    latency_runs=count(), teacher_init=choice('', *SHIPPED_TEACHER_FILES), attn_queries=choice('cls', 'patch'),
+    finetune_k_range=share_range(), test_seed=count(0),
+)
+
+
+def check_config(cfg: RunConfig, model: nn.Module) -> List[Tuple[str, str]]:
+    """The settings that do not fit the others (`model` is the LookWhere they make): [(setting, what it must be)]."""
+    if cfg.distill_images < cfg.distill_batch:
+        return [('distill_images', f'at least distill_batch ({cfg.distill_batch}): distillation draws whole batches')]
+    if cfg.teacher_init:
+        misfit = same_architecture(model, cfg.teacher_init)
+        if misfit:
+            return [('teacher_init', misfit)]
+    return []
 
 
 # --------------------------------------------------------------------------------------------
-# main
+# the recipe
 
 
 STAGE_OUTPUTS = {
@@ -619,46 +593,17 @@ STAGE_OUTPUTS = {
 }
 RUNNERS = dict(data=stage_data, teacher=stage_teacher, distill=stage_distill, finetune=stage_finetune,
                lowres=stage_lowres, export=stage_export)
+RECIPE = Recipe(
+    prog=SIGNS_RECIPE, description=__doc__, configs=CONFIGS, default='512', outputs=STAGE_OUTPUTS, runners=RUNNERS,
+    rules=RULES, create_model=lambda cfg: create_lookwhere(cfg, num_classes=len(CLASS_NAMES), weight_init='skip'),
+    check_config=check_config, shipped=shipped, benchmark='benchmarks/sparse_signs.py',
+    set_example='map_weight=0.3', add_arguments=add_share_from, check_arguments=check_share_from,
+    before_stages=share_stages,
+)
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog=SIGNS_RECIPE, description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    group = parser.add_argument_group('run')
-    group.add_argument('--output', required=True, metavar='DIR',
-                       help='folder for every stage output, run.log and timings.json')
-    group.add_argument('--config', default='512', choices=sorted(CONFIGS), help='scene size (default: %(default)s)')
-    group.add_argument('--tiny', action='store_true', help='a tiny model and a few steps: checks the code only')
-    group.add_argument('--stages', default=','.join(STAGES), help='comma-separated subset of ' + ','.join(STAGES))
-    group.add_argument('--redo', action='store_true', help='run the stages given even when their output exists')
-    group.add_argument('--ship', action='store_true',
-                       help='copy the exported weights into timm_lookwhere/weights (the pretrained tag)')
-    group = parser.add_argument_group('levers')
-    group.add_argument('--set', nargs='+', default=[], metavar='KEY=VALUE',
-                       help='change settings of the configuration (a lever), e.g. map_weight=0.3')
-    group.add_argument('--share-from', default=None, metavar='DIR',
-                       help="use DIR's outputs (symlinks) of the stages before the first one this run runs")
-    group = parser.add_argument_group('machine')
-    group.add_argument('--workers', type=int, default=2, help='scene-generating processes (default: 2)')
-    group.add_argument('--threads', type=int, default=2,
-                       help='torch threads (default: 2; training reads cached scenes, so the cores are free)')
-    args = parser.parse_args(argv)
-    check_stage_arguments(parser, args, STAGES, 'benchmarks/sparse_signs.py')
-    return args
-
-
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    start_run(args.output, args.threads)
-    cfg, overrides = apply_overrides(CONFIGS[args.config]['tiny' if args.tiny else 'full'], args.set)
-    write_json(os.path.join(args.output, 'run.json'), dict(config=args.config, tiny=args.tiny, overrides=overrides))
-    if args.share_from:
-        share_stages(args.output, args.share_from, args.stages.split(','))
-    run_stages(args, cfg, STAGES, STAGE_OUTPUTS, RUNNERS)
-    if args.ship:
-        ship(args, cfg)
-    return 0
-
+run_config = RECIPE.run_config  # what a run folder holds, for the benchmark
+main = RECIPE.main
 
 if __name__ == '__main__':
     sys.exit(main())
