@@ -1,6 +1,7 @@
 """Dense sign scenes and the dense-signs recipe: pure, disjoint, masks that match the signs, a folder segmentation
 tools read, every stage of the pipeline end to end with its evaluation (benchmarks/dense_signs.py, run by path),
 and the shipped segmenter's floor on fresh scenes."""
+import dataclasses
 import json
 import logging
 import os
@@ -74,11 +75,16 @@ def test_tiny_run_goes_through_every_stage_and_writes_the_table_and_plot(tmp_pat
     assert results['config'] == 'lookwhere_vitt16_512.dense_signs'
     names = [row['model'] for row in results['rows']]
     assert names[0].startswith('full-res teacher') and names[1].startswith('low-res ViT')
-    for prefix in ('LookWhere selection', 'random selection', 'oracle selection'):
-        assert sum(n.startswith(prefix) for n in names) == len(dense_signs.K_RATIOS)
-    seen = lambda prefix: [r['sign_seen'] for r in results['rows'] if r['model'].startswith(prefix)]  # noqa: E731
-    assert all(o >= max(c, r) for o, c, r in zip(seen('oracle'), seen('LookWhere'), seen('random')))
-    assert seen('oracle')[-1] == 1.0  # 204 patches hold every sign of a scene
+    small_k = EVALUATION['SMALL_K']
+    for prefix, count in (('LookWhere, selector-informed fill', len(dense_signs.K_RATIOS)),
+                          ('random selection', len(small_k)), ('oracle selection', len(small_k))):
+        assert sum(n.startswith(prefix) for n in names) == count, prefix
+    seen = {(r['selection'], r['k_ratio']): r['sign_seen'] for r in results['rows'] if 'selection' in r}
+    oracle = 'oracle selection (sign patches first)'
+    assert all(seen[oracle, k] >= max(seen['LookWhere', k], seen['random selection', k]) for k in small_k)
+    assert seen[oracle, 0.2] == 1.0  # 204 patches hold every sign of a scene
+    assert set(results['claims']) == {'selector'}
+    assert len(results['claims']['selector']['steps']) == len(dense_signs.K_RATIOS) - 1
     for row in results['rows']:
         assert 0 <= row['miou_signs'] <= 1 and 0 <= row['pixel_acc'] <= 1 and row['gflops'] > 0
         low, high = row['miou_signs_ci95']
@@ -175,3 +181,15 @@ def test_dense_demo_draws_the_chosen_patches_the_predicted_and_the_true_mask(tmp
     assert 'generated dense test scene 2' in printed and 'patches holding a sign' in printed
     with Image.open(out) as figure:
         assert figure.width == 3 * (512 + 8) + 8  # three 512 px panels and their margins
+
+
+@pytest.mark.parametrize('draw', ['uniform', 'log-uniform', 'mixed'])
+def test_k_is_drawn_over_the_whole_range_as_the_setting_says(draw):
+    cfg = dataclasses.replace(dense_signs.CONFIGS['full'], k_range=(0.02, 1.0), k_draw=draw)
+    generator = torch.Generator().manual_seed(0)
+    ks = torch.tensor([dense_signs.draw_k_count(cfg, 1024, generator) for _ in range(4000)]).float()
+    assert ks.min() >= 20 and ks.max() <= 1024 and ks.max() > 950 and ks.min() < 25  # 2% to every patch
+    below_10_percent = (ks < 102).float().mean().item()
+    # uniform: 8% of the draws below 10%; log-uniform: ln(5) / ln(50) = 41%; mixed: half of each
+    expected = {'uniform': 0.084, 'log-uniform': 0.411, 'mixed': 0.248}[draw]
+    assert abs(below_10_percent - expected) < 0.03, (draw, below_10_percent)

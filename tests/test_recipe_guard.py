@@ -155,14 +155,14 @@ def test_other_settings_on_an_existing_run_are_refused_naming_old_and_new(argv, 
 
 def test_the_same_settings_continue_the_run_and_keep_its_record(tmp_path, capsys):
     output = tmp_path / 'run'
-    record = record_of_todays_code(output, tiny=True, overrides=dict(teacher_steps=2, k_range=[0.02, 0.2]))
+    record = record_of_todays_code(output, tiny=True, overrides=dict(teacher_steps=2, k_range=[0.02, 1.0]))
     # the same configuration, however written: the overrides given again, or left out where they are the tiny's own
-    for argv in ([], ['--set', 'teacher_steps=2'], ['--set', 'k_range=(0.02, 0.2)', 'background_weight=0.5']):
+    for argv in ([], ['--set', 'teacher_steps=2'], ['--set', 'k_range=(0.02, 1.0)', 'background_weight=0.5']):
         assert dense_signs.main(['--output', str(output), '--tiny', '--stages', 'data', *argv]) == 0
         assert (output / 'run.json').read_text() == record
     assert 'data: done before' in (output / 'run.log').read_text()
     assert dense_signs.run_config(str(output)) == dataclasses.replace(
-        dense_signs.CONFIGS['tiny'], teacher_steps=2, k_range=(0.02, 0.2))
+        dense_signs.CONFIGS['tiny'], teacher_steps=2, k_range=(0.02, 1.0))
 
 
 def test_another_config_of_the_sparse_recipe_is_refused(tmp_path):

@@ -9,9 +9,10 @@ import torch
 from PIL import Image
 
 import timm
+from torchvision.transforms.functional import pil_to_tensor
 
 from test_recipe_guard import refusal
-from timm_lookwhere.scenes import WIDE_AREA_RANGE, generate_scene, to_uint8_tensor
+from timm_lookwhere.scenes import WIDE_AREA_RANGE, generate_scene
 from timm_lookwhere.recipes import sparse_signs
 from timm_lookwhere.teachers import TEACHER_BASE, window_features
 
@@ -105,7 +106,7 @@ def test_cached_split_holds_the_generators_scenes(tmp_path):
     again = sparse_signs.load_split(str(tmp_path), cfg, 'test', 3, workers=0, seed=cfg.test_seed)  # from the cache
     for i in range(3):
         scene = generate_scene(cfg.test_seed, 'test', i, img_size=512, area_range=WIDE_AREA_RANGE)
-        assert torch.equal(data['images'][i], to_uint8_tensor(scene.image))
+        assert torch.equal(data['images'][i], pil_to_tensor(scene.image))
         assert torch.equal(again['images'][i], data['images'][i])
         assert data['labels'][i] == scene.label and tuple(data['boxes'][i].tolist()) == scene.box
 

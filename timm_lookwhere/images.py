@@ -5,7 +5,8 @@
     image = decode_image_bytes(data, name='s3://bucket/photo.jpg')   # bytes from elsewhere (Spark, Ray, S3)
 
 JPEG, PNG, WebP and GIF decode with torchvision's decoders (libjpeg-turbo, libpng, libwebp, giflib); what
-they cannot read, Pillow does (BMP, TIFF, PPM, ...). Either way an image comes out as a model wants it:
+they cannot read, Pillow does (BMP, TIFF, PPM, ...; and GIF and WebP in grey, which torchvision gives in
+colour). Either way an image comes out as a model wants it:
 - upright: a photo's EXIF orientation is applied (phones store portraits on their side and say so there);
 - at 8 bits: 16-bit PNGs and TIFFs are scaled, round(x / 257), where Pillow's mode conversion clips them at
   255 (a 16-bit PNG through `Image.convert('RGB')` is a few grey levels, nearly all white);
@@ -17,6 +18,7 @@ limit (Pillow's decompression-bomb limit unless `pixel_limit` says otherwise), o
 """
 import contextlib
 import io
+import numbers
 import os
 import threading
 import warnings
@@ -40,6 +42,8 @@ IMAGE_ERROR_KINDS = ('missing', 'folder', 'empty', 'not an image', 'truncated', 
 # Pillow's names of the formats torchvision decodes (an MPO is a phone's JPEG with a second, depth, image)
 _TORCHVISION_FORMATS = frozenset({'JPEG', 'MPO', 'PNG', 'WEBP', 'GIF'})
 _TORCHVISION_DEPRECATION = 'The image decoding and encoding capabilities of TorchVision are deprecated'
+# torchvision's GIF and WebP decoders ignore ImageReadMode.GRAY (they give RGB or RGBA): Pillow makes those grey
+_COLOUR_ONLY_FORMATS = frozenset({'GIF', 'WEBP'})
 _SIXTEEN_BIT_MODES = frozenset({'I;16', 'I;16L', 'I;16B', 'I;16N', 'I'})
 _pillow_limit = threading.Lock()  # guards Image.MAX_IMAGE_PIXELS while a call with its own limit opens a file
 
@@ -75,10 +79,14 @@ def read_image(
     Raises:
         ImageError: the file gives no image; its `kind` says why.
     """
+    if isinstance(path, (bytes, bytearray, memoryview)) and (len(path) > 4096 or b'\0' in bytes(path)):
+        raise TypeError(f'read_image takes a path; these {len(path)} bytes look like a file\'s contents: decode '
+                        'them with decode_image_bytes(data, name=...)')
+    _check_pixel_limit(pixel_limit)
     path = os.fspath(path)
     if os.path.isdir(path):
-        raise ImageError('is a folder, not an image file (its name ends like an image\'s); pass the files in it',
-                         'folder', path)
+        named = ' (its name ends like an image\'s)' if os.path.splitext(path)[1].lower() in IMAGE_EXTENSIONS else ''
+        raise ImageError(f'is a folder, not an image file{named}; pass the files in it', 'folder', path)
     try:
         with open(path, 'rb') as f:
             data = f.read()
@@ -95,17 +103,21 @@ def decode_image_bytes(
         pixel_limit: Optional[int] = None,
         name: Optional[str] = None,
 ) -> torch.Tensor:
-    """An encoded image (a file's bytes) -> (channels, H, W) uint8 tensor, as `read_image`; `name` goes into errors."""
+    """An encoded image (a file's bytes) -> (channels, H, W) uint8 tensor, as `read_image`; `name` goes into errors.
+
+    `data` is bytes, bytearray, memoryview, or a 1-D uint8 numpy array or tensor of the bytes (what
+    torchvision.io.read_file gives); anything else (a path, a file object, a decoded image) raises a TypeError
+    naming it.
+    """
     if channels not in (1, 3):
         raise ValueError(f'channels must be 1 (grey) or 3 (RGB), got {channels}')
-    if isinstance(data, torch.Tensor):
-        data = data.numpy()
-    data = bytes(data) if not isinstance(data, bytes) else data
+    _check_pixel_limit(pixel_limit)
+    data = _as_bytes(data)
     if not data:
         raise ImageError('is empty (0 bytes): an interrupted copy or download?', 'empty', name)
     header = _open_header(data, pixel_limit, name)
     image = None
-    if header.format in _TORCHVISION_FORMATS:
+    if header.format in _TORCHVISION_FORMATS and not (channels == 1 and header.format in _COLOUR_ONLY_FORMATS):
         mode = torchvision.io.ImageReadMode.RGB if channels == 3 else torchvision.io.ImageReadMode.GRAY
         encoded = torch.frombuffer(bytearray(data), dtype=torch.uint8)
         try:
@@ -114,11 +126,46 @@ def decode_image_bytes(
                 image = torchvision.io.decode_image(encoded, mode=mode, apply_exif_orientation=True)
         except RuntimeError:
             pass  # what libjpeg or libpng refuse, Pillow reads or names (a truncated file, say)
+    if image is not None and image.dim() == 4:  # an animated GIF or WebP: its first frame
+        image = image[0]
+    if image is not None and image.shape[0] != channels:
+        image = None  # a decoder that ignored the mode asked for: Pillow converts it
     if image is None:
         image = _decode_with_pillow(header, channels, name)
-    if image.dim() == 4:  # an animated GIF or WebP: its first frame
-        image = image[0]
     return to_8bit(image)
+
+
+def _as_bytes(data: Bytes) -> bytes:
+    """An encoded file's bytes as `bytes`: bytes-like objects, and 1-D uint8 arrays or tensors of them."""
+    if isinstance(data, bytes):
+        return data
+    if isinstance(data, (bytearray, memoryview)):
+        return bytes(data)
+    if isinstance(data, (np.ndarray, torch.Tensor)):
+        array = data.detach().cpu().numpy() if isinstance(data, torch.Tensor) else data
+        if array.dtype != np.uint8 or array.ndim != 1:
+            already = ' (an image already decoded?)' if array.ndim == 3 else ''
+            raise TypeError(f'expected the encoded file\'s bytes as a 1-D uint8 array, got a {array.dtype} array of '
+                            f'shape {list(array.shape)}{already}; e.g. torchvision.io.read_file(path) or '
+                            'np.frombuffer(data, np.uint8)')
+        return array.tobytes()
+    if isinstance(data, (str, os.PathLike)):
+        raise TypeError(f'expected the encoded file\'s bytes, got a path ({os.fspath(data)!r}): read it with '
+                        'read_image(path)')
+    if hasattr(data, 'read'):
+        raise TypeError(f'expected the encoded file\'s bytes, got a file object ({type(data).__name__}): pass its '
+                        'bytes, data.read()')
+    raise TypeError(f'expected the encoded file\'s bytes (bytes, bytearray, memoryview, or a 1-D uint8 array or '
+                    f'tensor), got {type(data).__name__}')
+
+
+def _check_pixel_limit(pixel_limit: Optional[int]) -> None:
+    if pixel_limit is None:
+        return
+    if isinstance(pixel_limit, bool) or not isinstance(pixel_limit, numbers.Real):
+        raise TypeError(f'pixel_limit must be a number of pixels or None, got {pixel_limit!r}')
+    if pixel_limit < 1:
+        raise ValueError(f'pixel_limit must be at least 1 pixel (None: Pillow\'s limit), got {pixel_limit}')
 
 
 def to_8bit(image: torch.Tensor) -> torch.Tensor:

@@ -36,9 +36,11 @@ import argparse
 import contextlib
 import dataclasses
 import datetime
+import difflib
 import hashlib
 import json
 import math
+import numbers
 import os
 import platform
 import socket
@@ -61,10 +63,12 @@ from tqdm import tqdm
 import timm
 from timm.data import ImageNetInfo, infer_imagenet_subset, resolve_data_config
 from timm.data.transforms import str_to_interp_mode
-from timm.models import get_model_input_config, load_model_config_from_hf, parse_model_name, split_model_name_tag
+from timm.models import (
+    get_model_input_config, get_pretrained_cfg, load_model_config_from_hf, parse_model_name, split_model_name_tag,
+)
 from timm.utils import ParseKwargs
 
-from .checkpoints import stored_num_classes
+from .checkpoints import load_checkpoint_file, stored_num_classes
 from .cli import non_negative_int, positive_int
 from .files import RunFolder, RunFolderError, replacing, setting_changes
 from .images import IMAGE_EXTENSIONS, ImageError, read_image
@@ -180,6 +184,7 @@ def create_model(
         **kwargs: more `timm.create_model` arguments.
     """
     architecture = _architecture(name)
+    _check_model_name(name, architecture)
     lookwhere = architecture is not None and architecture.startswith('lookwhere_')
     if lookwhere and own_size is not False:
         kwargs.setdefault('dynamic_img_size', True)
@@ -187,6 +192,9 @@ def create_model(
     if checkpoint is not None:
         if not os.path.isfile(checkpoint):
             raise FileNotFoundError(f'--checkpoint {checkpoint} is not a file (working directory {os.getcwd()})')
+    if pretrained or checkpoint is not None:
+        _check_num_classes_kept(name, architecture, checkpoint, kwargs.get('num_classes'))
+    if checkpoint is not None:
         kwargs['pretrained_cfg_overlay'] = dict(file=checkpoint)
         # the file's classifier is kept: timm drops one of another size than its cfg says (LookWhere's factory reads
         # the size itself)
@@ -197,6 +205,18 @@ def create_model(
         pretrained = True
     if name in SHIPPED_SEGMENTERS:
         model = create_segmenter(name, pretrained=pretrained, **kwargs)
+    elif checkpoint is not None:
+        if not lookwhere:  # LookWhere's factory names a file of another layout itself
+            _check_not_lookwhere_weights(checkpoint, name)
+        try:
+            model = timm.create_model(name, pretrained=pretrained, **kwargs)
+        except RuntimeError as err:  # load_state_dict's tens of lines, or timm's position-embedding resize
+            lines = [line.strip()[:200] + (' ...' if len(line.strip()) > 200 else '')
+                     for line in str(err).splitlines() if line.strip()]
+            more = f' (and {len(lines) - 2} more)' if len(lines) > 2 else ''
+            raise ValueError(f'--checkpoint {checkpoint} does not fit {name}: {" ".join(lines[:2])}{more}. Was it '
+                             'saved from another architecture or size? Give the --model (and --model-kwargs) it was '
+                             'saved with') from None
     else:
         model = timm.create_model(name, pretrained=pretrained, **kwargs)
     if k is not None or k_ratio is not None:
@@ -205,6 +225,56 @@ def create_model(
                              f'{type(model).__name__}, which sees them all')
         model.set_k(k=k, k_ratio=k_ratio)
     return model.eval()
+
+
+def _check_model_name(name: str, architecture: Optional[str]) -> None:
+    """A timm name with a typo in its architecture or its tag, named with the names nearest to it (timm says only
+    'Unknown model' or 'Invalid pretrained tag')."""
+    if name in SHIPPED_SEGMENTERS or parse_model_name(name)[0] is not None:
+        return
+    if not timm.is_model(architecture):
+        known = timm.list_models() + timm.list_pretrained() + sorted(SHIPPED_SEGMENTERS)
+        near = difflib.get_close_matches(name, known, n=3, cutoff=0.75)
+        hint = f'did you mean {", ".join(near)}?' if near else 'timm.list_models() lists them'
+        raise ValueError(f'Unknown model ({name}): no timm architecture {architecture!r}; {hint}')
+    tag = split_model_name_tag(name)[1]
+    if tag and name not in timm.list_pretrained(f'{architecture}.*'):
+        tags = timm.list_pretrained(f'{architecture}.*') + sorted(
+            n for n in SHIPPED_SEGMENTERS if n.startswith(f'{architecture}.'))
+        raise ValueError(f'{name}: {architecture} has no weights tagged {tag!r}; '
+                         + (f'give one of {", ".join(tags)}' if tags else 'it has no tagged weights: give it untagged'))
+
+
+def _check_num_classes_kept(name: str, architecture: Optional[str], checkpoint: Optional[str],
+                            num_classes: Optional[int]) -> None:
+    """`--model-kwargs num_classes=N` where the weights' classifier has another number of classes would replace it
+    with a new, untrained one: predictions at random. 0 (no classifier: features only) is always fine."""
+    if num_classes is None or num_classes == 0 or name in SHIPPED_SEGMENTERS:
+        return
+    if checkpoint is not None:
+        stored, where = stored_num_classes(checkpoint, _classifier_name(architecture)) or 0, checkpoint
+    elif parse_model_name(name)[0] is None and timm.is_model(architecture):
+        cfg = get_pretrained_cfg(name)
+        if cfg is None or cfg.num_classes is None:
+            return
+        stored, where = cfg.num_classes, name
+    else:
+        return  # hf-hub and local-dir weights say their classes when they load
+    if num_classes != stored:
+        held = f'a classifier of {stored} classes' if stored else 'no classifier (features only)'
+        raise ValueError(f'--model-kwargs num_classes={num_classes}: the weights ({where}) hold {held}, so the model '
+                         f'would get a new, untrained classifier of {num_classes} classes whose predictions mean '
+                         'nothing. Drop num_classes (or give num_classes=0 and --features for features), or give '
+                         f'weights trained for {num_classes} classes')
+
+
+def _check_not_lookwhere_weights(checkpoint: str, name: str) -> None:
+    """A LookWhere's weights given to another architecture: timm fails far inside, resizing position embeddings."""
+    state_dict, _ = load_checkpoint_file(checkpoint, mmap=True)
+    if any(key.startswith('selector.') for key in state_dict):
+        raise ValueError(f"--checkpoint {checkpoint} holds a LookWhere's weights (selector.* keys), and {name} is "
+                         'not a LookWhere: give --model the LookWhere architecture it was saved from (e.g. '
+                         'lookwhere_vitb_518, with the --model-kwargs it was made with)')
 
 
 def class_names(model: nn.Module) -> Optional[List[str]]:
@@ -276,8 +346,13 @@ class Preprocess:
                 type(image).__name__
             raise TypeError(f'expected a uint8 (C, H, W) image (timm_lookwhere.images.read_image gives one), got {got}')
         if image.shape[0] != self.channels:
+            if image.shape[-1] == self.channels:
+                raise ValueError(f'expected a (C, H, W) image, got shape {list(image.shape)}: an (H, W, C) image? '
+                                 'Give image.permute(2, 0, 1)')
             raise ValueError(f'the model takes {self.channels} channels, the image has {image.shape[0]}: read it '
                              f'with read_image(path, channels={self.channels})')
+        if image.shape[-2] < 1 or image.shape[-1] < 1:
+            raise ImageError(f'a {image.shape[-1]}x{image.shape[-2]} px image has no pixels', 'too small')
         if self.own_size:
             height, width = image.shape[-2:]
             if self.max_pixels is not None:
@@ -312,6 +387,26 @@ class Preprocess:
             size = [max(1, round(height * scale)), max(1, round(width * scale))]
         image = TF.resize(image, size, self.interpolation, antialias=True)
         return TF.center_crop(image, list(self.input_size))
+
+
+def _per_channel(values: Sequence[float], channels: int, device: torch.device) -> torch.Tensor:
+    """A data config's mean or std as a (C, 1, 1) tensor; another count than the channels (ImageNet's three for a
+    grey model) serves as its average, as LookWhere.set_pixel_normalization does."""
+    values = [float(v) for v in (values if isinstance(values, (list, tuple)) else [values])]
+    if len(values) != channels:
+        values = [sum(values) / len(values)] * channels
+    return torch.tensor(values, device=device).view(-1, 1, 1)
+
+
+def _amp_dtype(amp_dtype: Any) -> Optional[torch.dtype]:
+    """torch.bfloat16 or torch.float16 (or their names), or None: the dtypes torch.autocast runs."""
+    if amp_dtype is None:
+        return None
+    dtype = getattr(torch, amp_dtype, None) if isinstance(amp_dtype, str) else amp_dtype
+    if dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(f'amp_dtype must be torch.bfloat16 or torch.float16 (what torch.autocast runs in), got '
+                         f'{amp_dtype!r}')
+    return dtype
 
 
 class Predictor:
@@ -367,6 +462,15 @@ class Predictor:
             raise ValueError(f'--max-pixels caps images taken at their own size; this model takes '
                              f'{_data_config(self.backbone)["input_size"][1:]} images, to which every image '
                              'is resized')
+        patch = self.backbone.patch_embed.patch_size[0] if self.lookwhere else None
+        if max_pixels is not None and (isinstance(max_pixels, bool) or not isinstance(max_pixels, numbers.Integral)
+                                       or max_pixels < patch * patch):
+            raise ValueError(f'--max-pixels {max_pixels} is less than one {patch}x{patch} patch ({patch * patch} '
+                             'pixels): every image would shrink to a patch or less; give at least '
+                             f'{patch * patch}, or none to keep every image\'s size')
+        if isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 1:
+            raise ValueError(f'top_k (--top-k) is the classes per row, at least 1; got {top_k!r}')
+        amp_dtype = _amp_dtype(amp_dtype)
         self.num_classes = 0 if self.segmenter else getattr(model, 'num_classes', 0)
         if not (self.num_classes or self.segmenter or features or selection or dense):
             raise ValueError('the model has no classifier head (num_classes=0: its weights give features only); ask '
@@ -377,10 +481,14 @@ class Predictor:
         self.model.to(self.device)
         self.amp_dtype = amp_dtype
         self.names = list(names) if names is not None else class_names(model)
+        classes = model.num_classes if self.segmenter else self.num_classes
+        if names is not None and classes and len(self.names) != classes:
+            raise ValueError(f'{len(self.names)} class names for the {classes} classes of the model: give a name '
+                             'per class (--class-names: one a line)')
         self.data_config = _data_config(self.backbone)
-        self.mean = torch.tensor(self.data_config['mean'], device=self.device).view(-1, 1, 1)
-        self.std = torch.tensor(self.data_config['std'], device=self.device).view(-1, 1, 1)
-        patch = self.backbone.patch_embed.patch_size[0] if self.lookwhere else None
+        channels = self.data_config['input_size'][0]
+        self.mean = _per_channel(self.data_config['mean'], channels, self.device)  # (C, 1, 1)
+        self.std = _per_channel(self.data_config['std'], channels, self.device)
         topk = self.backbone.topk if self.lookwhere and own_size else None
         self.preprocess = Preprocess(self.data_config, own_size, max_pixels, patch, topk)
 
@@ -410,13 +518,18 @@ class Predictor:
 
     def __call__(self, images: Sequence[torch.Tensor]) -> List[Dict[str, Any]]:
         """uint8 (C, H_i, W_i) images -> their rows (width and height are the images' own)."""
+        if isinstance(images, torch.Tensor) and images.dim() == 3:
+            raise TypeError(f'expected a list of (C, H, W) images, got one image of shape {list(images.shape)}: '
+                            'give [image]')
         rows = self.predict([self.prepare(image) for image in images])
         for row, image in zip(rows, images):
             row.update(width=int(image.shape[-1]), height=int(image.shape[-2]))
         return rows
 
     def _normalise(self, x: torch.Tensor) -> torch.Tensor:
-        return (x.float() / 255 - self.mean) / self.std
+        x = (x.float() / 255 - self.mean) / self.std
+        # in the weights' dtype (a bfloat16 model); under autocast float32 goes in, as autocast expects
+        return x if self.amp_dtype else x.to(next(self.model.parameters()).dtype)
 
     @torch.no_grad()
     def predict(self, images: Sequence[torch.Tensor]) -> List[Dict[str, Any]]:
@@ -517,9 +630,13 @@ def list_image_files(paths: Iterable[str], exclude: Optional[str] = None) -> Lis
                 found.update(os.path.normpath(os.path.join(root, f)) for f in files
                              if os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS)
         elif path.lower().endswith(LIST_EXTENSIONS) and os.path.isfile(path):
-            with open(path, encoding='utf-8') as f:
-                found.update(os.path.normpath(line.strip()) for line in f
-                             if line.strip() and not line.lstrip().startswith('#'))
+            try:
+                with open(path, encoding='utf-8') as f:
+                    found.update(os.path.normpath(line.strip()) for line in f
+                                 if line.strip() and not line.lstrip().startswith('#'))
+            except (OSError, UnicodeDecodeError) as err:
+                raise ValueError(f'{path} cannot be read as a text file of paths: {_reason(err)}; a list is UTF-8 '
+                                 'text, a path a line') from None
         elif os.path.isfile(path) and os.path.splitext(path)[1].lower() in IMAGE_EXTENSIONS:
             found.add(os.path.normpath(path))
         elif os.path.exists(path):
@@ -671,7 +788,11 @@ def _open_output(args: argparse.Namespace, predictor: Predictor, launch: _Launch
                              f'({", ".join(foreign[:5])}{", ..." if len(foreign) > 5 else ""}); give a new or '
                              'empty folder')
     with contextlib.ExitStack() as attempt:  # a refused start leaves no folder of its own making behind
-        folder = attempt.enter_context(RunFolder(args.output, MANIFEST, flag='--output'))
+        try:
+            folder = attempt.enter_context(RunFolder(args.output, MANIFEST, flag='--output'))
+        except OSError as err:
+            raise RunFolderError(f'--output {args.output!r} cannot be made or written: {_reason(err)}; give a folder '
+                                 'you can write to') from None
         plan = _plan(args, predictor, launch, folder)
         held.enter_context(attempt.pop_all())
     return folder, plan
@@ -895,13 +1016,25 @@ def _finish(args: argparse.Namespace, folder: RunFolder, plan: Dict[str, Any], r
 def _device(name: Optional[str], launch: _Launch) -> torch.device:
     if name is None:
         name = 'cuda' if torch.cuda.is_available() else 'cpu'
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f'--device {name!r} is not a device: give cpu, cuda or cuda:N') from None
     if device.type == 'cuda':
         if not torch.cuda.is_available():
             raise ValueError(f'--device {name}: no CUDA device here; use --device cpu')
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise ValueError(f'--device {name}: this machine has {count} CUDA device{"s" if count > 1 else ""} '
+                             f'(cuda:0 to cuda:{count - 1}); give one of them, or cuda for each process its own')
         if device.index is None:  # one GPU per process of a node
-            device = torch.device('cuda', launch.local_rank % torch.cuda.device_count())
+            device = torch.device('cuda', launch.local_rank % count)
         torch.cuda.set_device(device)
+    elif device.type != 'cpu':
+        try:
+            torch.empty(0, device=device)
+        except (RuntimeError, AssertionError) as err:
+            raise ValueError(f'--device {name}: {str(err).splitlines()[0]}; use --device cpu or cuda') from None
     return device
 
 
@@ -915,17 +1048,29 @@ def _build_predictor(args: argparse.Namespace, device: torch.device) -> Predicto
         raise ValueError('--amp-dtype float16 needs a CUDA device; on a CPU use bfloat16')
     names = None
     if args.class_names:
-        with open(args.class_names, encoding='utf-8') as f:
-            names = [line.rstrip('\n') for line in f if line.strip()]
+        try:
+            with open(args.class_names, encoding='utf-8') as f:
+                names = [line.rstrip('\n') for line in f if line.strip()]
+        except (OSError, UnicodeDecodeError) as err:
+            raise ValueError(f'--class-names {args.class_names}: {_reason(err)}; give a UTF-8 text file of class '
+                             'names, one a line') from None
     predictor = Predictor.from_name(
         args.model, pretrained=args.pretrained, checkpoint=args.checkpoint, own_size=args.own_size, k=args.k,
         k_ratio=args.k_ratio, model_kwargs=args.model_kwargs, max_pixels=args.max_pixels, top_k=args.top_k,
         features=args.features, selection=args.selection, dense=args.dense, device=device,
         amp_dtype=getattr(torch, args.amp_dtype) if args.amp else None, names=names)
-    if names is not None and len(names) != predictor.num_classes:
-        raise ValueError(f'--class-names {args.class_names} has {len(names)} names; the model has '
-                         f'{predictor.num_classes} classes')
+    if predictor.channels not in (1, 3):
+        raise ValueError(f'{args.model} takes {predictor.channels} channels; lookwhere predict reads image files as '
+                         'RGB (3 channels) or grey (1). Run such a model through the library: Predictor(model) on '
+                         'your own uint8 (C, H, W) tensors')
     return predictor
+
+
+def _reason(err: Exception) -> str:
+    """What an OSError or a decoding error says, without Python's decoration."""
+    if isinstance(err, UnicodeDecodeError):
+        return f'not UTF-8 text (byte {err.object[err.start:err.start + 1]!r} at {err.start})'
+    return getattr(err, 'strerror', None) or str(err)
 
 
 def _refuse(message: str, say: bool) -> int:
@@ -990,7 +1135,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                        help='each image at its own size (default for LookWhere models); --no-own-size resizes to '
                             "the model's size, as other models always are")
     group.add_argument('--max-pixels', type=positive_int, metavar='N',
-                       help='at own size, shrink images of more pixels to about N (aspect kept); smaller ones stay')
+                       help='at own size, shrink images of more pixels to about N (aspect kept; N at least one '
+                            'patch); smaller ones stay')
     group.add_argument('--class-names', metavar='FILE', help='a text file of class names, one a line')
     group = parser.add_argument_group('outputs')
     group.add_argument('--top-k', type=positive_int, default=5, help='classes per image (default: %(default)s)')

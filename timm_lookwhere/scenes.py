@@ -32,13 +32,14 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFilter
 from torch.utils.data import Dataset
+from torchvision.transforms.functional import pil_to_tensor
 
 from .files import replacing
 
 __all__ = [
     'SIGN_CLASSES', 'CLASS_NAMES', 'SPLITS', 'AREA_RANGE', 'WIDE_AREA_RANGE', 'SignClass', 'Scene', 'generate_scene',
     'render_sign',
-    'scene_rng', 'scene_label', 'SparseSigns', 'SceneTensors', 'to_uint8_tensor', 'folder_names', 'write_image_folder',
+    'scene_rng', 'scene_label', 'SparseSigns', 'SceneTensors', 'folder_names', 'write_image_folder',
     'patches_under_box', 'sign_patches_seen', 'SEGMENTATION_CLASSES', 'NUM_SIGNS_RANGE', 'DenseScene',
     'dense_scene_rng', 'generate_dense_scene', 'DenseSigns', 'DenseSceneTensors', 'write_segmentation_folder',
 ]
@@ -427,11 +428,6 @@ class SparseSigns(Dataset):
         return f'{type(self).__name__}({self.extra_repr()})'
 
 
-def to_uint8_tensor(image: Image.Image) -> torch.Tensor:
-    """An RGB image as a uint8 (3, H, W) tensor."""
-    return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)  # (3, H, W)
-
-
 class SceneTensors(Dataset):
     """`signs`' scenes as (uint8 (3, H, W) image, label, (4,) sign box) tensors: batches that say where the sign is."""
 
@@ -443,7 +439,7 @@ class SceneTensors(Dataset):
 
     def __getitem__(self, index: int):
         scene = self.signs.scene(index)
-        return to_uint8_tensor(scene.image), scene.label, torch.tensor(scene.box)
+        return pil_to_tensor(scene.image), scene.label, torch.tensor(scene.box)
 
 
 def folder_names() -> Tuple[str, ...]:
@@ -661,7 +657,7 @@ class DenseSceneTensors(Dataset):
 
     def __getitem__(self, index: int):
         scene = self.dense.scene(index)
-        return to_uint8_tensor(scene.image), torch.from_numpy(scene.mask)
+        return pil_to_tensor(scene.image), torch.from_numpy(scene.mask)
 
 
 def write_segmentation_folder(

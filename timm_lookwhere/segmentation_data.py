@@ -14,6 +14,7 @@ becomes id - 1, so ADE20K's 150 classes are 0..149, as a segmenter's head counts
     val = ADE20KFolder('ADEChallengeData2016', 'validation', img_size=512)   # resized: masks by nearest
     write_ade20k_folder('scenes', 'training', DenseSigns('train', 100))       # any (image, mask) pairs, written
 """
+import numbers
 import os
 import warnings
 from typing import Any, Callable, Iterable, List, Optional, Sequence, Tuple, Union
@@ -72,7 +73,25 @@ def _mask_ids(mask: Any) -> np.ndarray:
     mask = mask.numpy() if isinstance(mask, torch.Tensor) else np.asarray(mask)
     if mask.ndim != 2:
         raise ValueError(f'a mask is (H, W) class ids, got shape {list(mask.shape)}')
+    if not (np.issubdtype(mask.dtype, np.integer) or mask.dtype == np.bool_):
+        if not np.issubdtype(mask.dtype, np.floating) or not np.array_equal(mask, np.round(mask)):
+            shown = np.unique(mask[np.isfinite(mask) & (mask != np.round(mask))])[:3].tolist() if np.issubdtype(
+                mask.dtype, np.floating) else mask.dtype
+            raise ValueError(f'a mask holds whole class ids; got {mask.dtype} values such as {shown}: a mask resized '
+                             'bilinearly, or probabilities? Resize masks by nearest neighbour, take argmax of scores')
     return mask.astype(np.int64)
+
+
+def _image_size(img_size: Any) -> Optional[Tuple[int, int]]:
+    """img_size as (H, W): an int for a square, or two ints; each at least 1 pixel."""
+    if img_size is None:
+        return None
+    size = (img_size, img_size) if isinstance(img_size, numbers.Integral) else img_size
+    if (not isinstance(size, (tuple, list)) or len(size) != 2
+            or any(isinstance(s, bool) or not isinstance(s, numbers.Integral) or s < 1 for s in size)):
+        raise ValueError(f'img_size must be an int (a square side) or (H, W), whole pixels of at least 1; '
+                         f'got {img_size!r}')
+    return int(size[0]), int(size[1])
 
 
 class ADE20KFolder(Dataset):
@@ -120,7 +139,7 @@ class ADE20KFolder(Dataset):
             raise ValueError(f'num_classes must be at most {IGNORE_INDEX}: class ids stop below IGNORE_INDEX '
                              f'({IGNORE_INDEX}), got {num_classes}')
         self.reduce_zero_label = bool(reduce_zero_label)
-        self.img_size = (img_size, img_size) if isinstance(img_size, int) else img_size
+        self.img_size = _image_size(img_size)
         self.resize = None if img_size is None else v2.Resize(self.img_size, antialias=True)
         self.transform = transform
         image_folder = _split_folder(self.root, 'images', split)
@@ -138,9 +157,13 @@ class ADE20KFolder(Dataset):
         self.annotations = [os.path.join(annotation_folder, stem + annotation_suffix) for stem in stems]
         missing = [path for path in self.annotations if not os.path.isfile(path)]
         if missing:
+            there = _image_files(annotation_folder)
+            holds = f'{annotation_folder} holds {_listed(there)}' if there else f'{annotation_folder} is empty'
             raise FileNotFoundError(
                 f'{len(missing)} of the {len(names)} images under {image_folder} have no annotation: '
-                f'{_listed(missing)} missing. Each image needs annotations/{split}/<its name>{annotation_suffix}')
+                f'{_listed(missing)} missing ({holds}). Each image needs annotations/{split}/<its name>'
+                f'{annotation_suffix}, its name the image\'s less image_suffix={image_suffix!r}; are the two '
+                'suffixes right?')
         # annotations without an image are left out, as mmsegmentation does, but said
         unpaired = sorted(set(_image_files(annotation_folder)) - {stem + annotation_suffix for stem in stems})
         if unpaired:
@@ -256,6 +279,10 @@ def write_ade20k_folder(
                 raise ValueError(f'pair {index}: an image tensor must be uint8 (3, H, W), got {image.dtype} '
                                  f'{list(image.shape)}')
             image = Image.fromarray(image.permute(1, 2, 0).numpy())
+        elif not isinstance(image, Image.Image):
+            raise TypeError(f'pair {index}: an image is a PIL image or a uint8 (3, H, W) tensor, got '
+                            f'{type(image).__name__}' + (' (for an (H, W, 3) uint8 array: PIL.Image.fromarray(it))'
+                                                         if isinstance(image, np.ndarray) else ''))
         ids = _mask_ids(mask)
         if (image.height, image.width) != ids.shape:
             raise ValueError(f'pair {index}: a {image.width}x{image.height} image with a {ids.shape[1]}x'

@@ -15,11 +15,13 @@ Stages:
     lookwhere  starts from the shipped `lookwhere_vitt16_512.sparse_signs`: its selector was distilled to
                find signs in these very scenes (33 min of this CPU) and its extractor from the teacher the
                stage above starts from, so the teacher's head fits its tokens and starts the head here;
-               then fine-tuned for segmentation, the selector frozen, k drawn per step from `k_range`.
+               then fine-tuned for segmentation, the selector frozen, k drawn per step from `k_range` (2% to
+               every patch, so that more patches never hurt), the cells it did not see filled by `fill` (the
+               learned selector-informed fill, trained here with the head; 'idw' is the authors' fill).
                `distill_steps` > 0 first matches its filled grid to the trained teacher's (MSE)
     lowres     the baseline at equal cost: the teacher on a low-res copy of the image, at the resolution
                whose FLOPs match LookWhere's at k = `lowres_match_k`, fine-tuned the same way
-    export     fp16 safetensors of the three (`--ship` copies the LookWhere segmenter into the package)
+    export     fp16 safetensors of the segmenter and the teacher (`--ship` copies both into the package)
 
 The loss is pixel cross-entropy at every `loss_stride`-th pixel (the logits come from a 32x32 grid: a
 quarter of the pixels in each direction loses nothing they hold, at a 16th of the memory), background
@@ -32,11 +34,12 @@ OUTPUT/run.json keeps its --tiny and --set (each value checked before the first 
 settings is refused, and so is a second launch while one runs. The evaluation on fresh test scenes is a
 benchmark of the source tree: `python benchmarks/dense_signs.py --output DIR`.
 
-    python -m timm_lookwhere.recipes.dense_signs --output runs/dense_signs --ship   # about 40 min on 2 cores
+    python -m timm_lookwhere.recipes.dense_signs --output runs/dense_signs --ship   # about 1 h 20 min on 2 cores
     python -m timm_lookwhere.recipes.dense_signs --output /tmp/ds_tiny --tiny       # every stage, a tiny model
 """
 import dataclasses
 import logging
+import math
 import os
 import sys
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
@@ -51,12 +54,12 @@ from timm.layers import resample_abs_pos_embed
 
 from ..scenes import NUM_SIGNS_RANGE, SEGMENTATION_CLASSES, WIDE_AREA_RANGE, DenseSceneTensors, DenseSigns
 from ..segmentation import (
-    SHIPPED_SEGMENTERS, LookWhereSegmenter, ViTSegmenter, confusion_matrix, create_segmenter, mean_iou,
-    segmentation_loss,
+    SHIPPED_DENSE_TEACHERS, SHIPPED_SEGMENTERS, LookWhereSegmenter, ViTSegmenter, confusion_matrix, create_segmenter,
+    mean_iou, segmentation_loss,
 )
 from ..teachers import SHIPPED_TEACHER_FILES, create_dense_counterpart, create_teacher
 from .stages import (
-    Recipe, cached_split, count, equal_cost_size, export_fp16, fit, int_range, kwargs,
+    Recipe, cached_split, choice, count, equal_cost_size, export_fp16, fit, int_range, kwargs,
     lookwhere_model, normalize, number, random_indices, same_architecture, save, share_range, step_count, text,
     write_json,
 )
@@ -67,7 +70,7 @@ _logger = logging.getLogger('dense_signs')
 
 TAG = 'dense_signs'
 RECIPE_COMMAND = 'python -m timm_lookwhere.recipes.dense_signs'
-K_RATIOS = (0.02, 0.05, 0.10, 0.20)
+K_RATIOS = (0.02, 0.05, 0.10, 0.20, 0.30, 0.40, 0.60, 1.0)  # the table's k
 STAGES = ('data', 'teacher', 'lookwhere', 'lowres', 'export')  # the evaluation is a benchmark's
 NUM_CLASSES = len(SEGMENTATION_CLASSES)
 SIGN_CLASSES = tuple(range(1, NUM_CLASSES))  # mask values of the signs (0 is background)
@@ -97,7 +100,10 @@ class RunConfig:
     lowres_lr: float
     latency_runs: int
     latency_batch: int = 64  # the large batch of the timing (the small one is 1)
-    k_range: Tuple[float, float] = (K_RATIOS[0], K_RATIOS[-1])  # LookWhere's k per training step, share of patches
+    k_range: Tuple[float, float] = (0.02, 0.20)  # LookWhere's k per training step, share of patches
+    k_draw: str = 'uniform'  # how k is drawn from k_range: 'uniform', 'log-uniform', or 'mixed' (half the steps each)
+    fill: str = 'idw'  # how the segmenter fills unseen cells: the authors' 'idw', or the learned 'selector' fill
+    fill_lr_scale: float = 4.  # the selector-informed fill's lr, relative to the stage's
     distill_steps: int = 0  # LookWhere's filled grid matched to the teacher's before fine-tuning (0: none)
     lowres_match_k: float = 0.10  # the low-res ViT costs what LookWhere costs at this k
     loss_stride: int = 4  # the loss reads every loss_stride-th pixel in each direction
@@ -120,6 +126,9 @@ CONFIGS: Dict[str, RunConfig] = dict(
         teacher_window_steps=160, teacher_window_batch=32, teacher_steps=40, teacher_batch=16, teacher_lr=5e-4,
         lookwhere_steps=600, lookwhere_batch=32, lookwhere_lr=5e-4,
         lowres_steps=100, lowres_batch=32, lowres_lr=5e-4, latency_runs=20, background_weight=0.3,
+        # every k from 2% to all patches (half the steps log-uniform, where small k lies, half uniform, so the large
+        # k where a segmenter trained at small k lost its way are seen too); the learned fill
+        k_range=(0.02, 1.0), k_draw='mixed', fill='selector',
     ),
     tiny=RunConfig(
         model='lookwhere_vitt16_512', init_tag='', model_kwargs=TINY_MODEL, img_size=512,
@@ -127,6 +136,7 @@ CONFIGS: Dict[str, RunConfig] = dict(
         teacher_window_steps=2, teacher_window_batch=2, teacher_steps=2, teacher_batch=2, teacher_lr=1e-3,
         lookwhere_steps=2, lookwhere_batch=2, lookwhere_lr=1e-3,
         lowres_steps=2, lowres_batch=2, lowres_lr=1e-3, latency_runs=2, latency_batch=4, distill_steps=2,
+        k_range=(0.02, 1.0), k_draw='mixed', fill='selector',
     ),
 )
 
@@ -221,12 +231,14 @@ def load_lowres(out: str, cfg: RunConfig) -> ViTSegmenter:
 
 def initial_lookwhere(cfg: RunConfig) -> LookWhereSegmenter:
     name = f'{cfg.model}.{cfg.init_tag}' if cfg.init_tag else cfg.model
-    return create_segmenter(name, pretrained=bool(cfg.init_tag), num_classes=NUM_CLASSES, **lookwhere_kwargs(cfg))
+    return create_segmenter(name, pretrained=bool(cfg.init_tag), num_classes=NUM_CLASSES, fill=cfg.fill,
+                            **lookwhere_kwargs(cfg))
 
 
 def load_lookwhere(path: str, cfg: RunConfig, **kwargs) -> LookWhereSegmenter:
     """A LookWhere segmenter of this run from a state dict file (.pth or .safetensors)."""
-    model = create_segmenter(cfg.model, num_classes=NUM_CLASSES, **dict(lookwhere_kwargs(cfg), **kwargs))
+    model = create_segmenter(cfg.model, num_classes=NUM_CLASSES, fill=cfg.fill,
+                             **dict(lookwhere_kwargs(cfg), **kwargs))
     if path.endswith('.safetensors'):
         from safetensors.torch import load_file
         state = load_file(path)
@@ -251,13 +263,18 @@ def fit_segmenter(
         generators: Sequence[torch.Generator] = (),
         before_step: Optional[Callable[[int], None]] = None,
         head_lr_scale: float = 1.,
+        fill_lr_scale: float = 1.,
 ) -> None:
     """`stages.fit` on `loss_fn(model, batch)`, the new linear head (`model.head`) at `head_lr_scale` times the lr:
     Adam moves a weight by about the lr per step, so a head from its init needs a larger one than a pretrained
-    backbone can take."""
-    head = {id(p) for p in model.head.parameters()}
-    groups = [dict(params=[p for p in model.parameters() if p.requires_grad and id(p) not in head]),
-              dict(params=list(model.head.parameters()), lr=lr * head_lr_scale)]
+    backbone can take; a learned fill (`model.fill`), new too, at `fill_lr_scale` times."""
+    head = list(model.head.parameters())
+    fill = list(model.fill.parameters()) if getattr(model, 'fill', None) is not None else []
+    new = {id(p) for p in head + fill}
+    groups = [dict(params=[p for p in model.parameters() if p.requires_grad and id(p) not in new]),
+              dict(params=head, lr=lr * head_lr_scale)]
+    if fill:
+        groups.append(dict(params=fill, lr=lr * fill_lr_scale))
     fit(stage, model, batches, steps, lr, lambda m, batch: (loss_fn(m, batch), {}), state_path, generators,
         before_step, param_groups=groups, save_every_s=SAVE_EVERY_S)
 
@@ -335,11 +352,10 @@ def stage_lookwhere(args, cfg: RunConfig) -> None:
     teacher = load_teacher(args.output, cfg)
     model.head.load_state_dict(teacher.head.state_dict())  # the extractor was distilled to speak the teacher's tokens
     train = load_split(args.output, cfg, 'train', cfg.train_scenes, args.workers)
-    k_lo, k_hi = (max(1, int(r * model.backbone.num_patches)) for r in cfg.k_range)
     k_generator = torch.Generator().manual_seed(0)
 
     def draw_k(step: int) -> None:  # one model for every k of the table
-        model.set_k(k=int(torch.randint(k_lo, k_hi + 1, (1,), generator=k_generator)))
+        model.set_k(k=draw_k_count(cfg, model.backbone.num_patches, k_generator))
 
     if cfg.distill_steps:
         for p in teacher.parameters():
@@ -360,7 +376,8 @@ def stage_lookwhere(args, cfg: RunConfig) -> None:
     fit_segmenter(
         'lookwhere', model, cached_batches(train, cfg.lookwhere_batch, cfg.loss_stride, generator),
         cfg.lookwhere_steps, cfg.lookwhere_lr, cell_loss(cfg), os.path.join(folder, 'state.pth'),
-        generators=(generator, k_generator), before_step=draw_k, head_lr_scale=cfg.head_lr_scale)
+        generators=(generator, k_generator), before_step=draw_k, head_lr_scale=cfg.head_lr_scale,
+        fill_lr_scale=cfg.fill_lr_scale)
     val = load_split(args.output, cfg, 'val', cfg.val_scenes, args.workers)
     val_miou = {}
     for ratio in K_RATIOS:
@@ -373,10 +390,19 @@ def stage_lookwhere(args, cfg: RunConfig) -> None:
     save(model.state_dict(), os.path.join(folder, 'model.pth'))
 
 
+def draw_k_count(cfg: RunConfig, num_patches: int, generator: torch.Generator) -> int:
+    """A training step's k: a share of `num_patches` in `cfg.k_range`, drawn as `cfg.k_draw` says."""
+    low, high = (max(1, int(share * num_patches)) for share in cfg.k_range)
+    where, log_uniform = torch.rand(2, generator=generator).tolist()
+    if cfg.k_draw == 'log-uniform' or (cfg.k_draw == 'mixed' and log_uniform < 0.5):
+        return min(high, int(math.exp(math.log(low) + where * (math.log(high + 1) - math.log(low)))))
+    return min(high, low + int(where * (high - low + 1)))
+
+
 def lowres_size(cfg: RunConfig) -> int:
     """The low-res side (a multiple of the patch) whose ViT segmenter costs about what LookWhere costs at
     k = `lowres_match_k` (both on a full-size image, the pixel logits included)."""
-    lookwhere = create_segmenter(cfg.model, num_classes=NUM_CLASSES, k_ratio=cfg.lowres_match_k,
+    lookwhere = create_segmenter(cfg.model, num_classes=NUM_CLASSES, k_ratio=cfg.lowres_match_k, fill=cfg.fill,
                                  **lookwhere_kwargs(cfg))
     return equal_cost_size(lookwhere, cfg.img_size, lookwhere.patch_size, cfg.img_size // 2,
                            lambda side: ViTSegmenter(teacher_vit(cfg, side), NUM_CLASSES, side),
@@ -406,17 +432,23 @@ def stage_lowres(args, cfg: RunConfig) -> None:
     save(dict(img_size=size, state_dict=model.state_dict()), os.path.join(folder, 'model.pth'))
 
 
-def export_path(out: str, cfg: RunConfig) -> str:
-    return os.path.join(out, 'export', os.path.basename(SHIPPED_SEGMENTERS[f'{cfg.model}.{TAG}'][2]))
+def export_path(out: str, cfg: RunConfig, part: str = 'lookwhere') -> str:
+    """Where the export stage writes the segmenter (`part` 'lookwhere') or its full-res teacher ('teacher')."""
+    package_file = SHIPPED_SEGMENTERS[cfg.tag][2] if part == 'lookwhere' else SHIPPED_DENSE_TEACHERS[cfg.tag][1].file
+    return os.path.join(out, 'export', os.path.basename(package_file))
 
 
 def stage_export(args, cfg: RunConfig) -> None:
-    export_fp16(os.path.join(args.output, 'lookwhere', 'model.pth'), export_path(args.output, cfg),
-                dict(source=RECIPE_COMMAND, config=cfg.tag, classes=','.join(SEGMENTATION_CLASSES)))
+    for part in ('teacher', 'lookwhere'):  # the segmenter last: its file marks the stage done
+        export_fp16(os.path.join(args.output, part, 'model.pth'), export_path(args.output, cfg, part),
+                    dict(source=RECIPE_COMMAND, config=cfg.tag if part == 'lookwhere' else f'{cfg.tag} teacher',
+                         classes=','.join(SEGMENTATION_CLASSES)))
 
 
 def shipped(out: str, cfg: RunConfig) -> Dict[str, str]:
-    return {export_path(out, cfg): SHIPPED_SEGMENTERS[cfg.tag][2]}
+    """The exports --ship copies into the package: the segmenter and the teacher it is compared with."""
+    return {export_path(out, cfg): SHIPPED_SEGMENTERS[cfg.tag][2],
+            export_path(out, cfg, 'teacher'): SHIPPED_DENSE_TEACHERS[cfg.tag][1].file}
 
 
 # --------------------------------------------------------------------------------------------
@@ -429,6 +461,7 @@ RULES = dict(
     teacher_steps=step_count(), teacher_batch=count(), teacher_lr=number(above=True), lookwhere_steps=step_count(),
     lookwhere_batch=count(), lookwhere_lr=number(above=True), lowres_steps=step_count(), lowres_batch=count(),
     lowres_lr=number(above=True), latency_runs=count(), latency_batch=count(), k_range=share_range(),
+    k_draw=choice('uniform', 'log-uniform', 'mixed'), fill=choice('idw', 'selector'), fill_lr_scale=number(above=True),
     distill_steps=step_count(none=True), lowres_match_k=number(0, 1, above=True), loss_stride=count(),
     teacher_window=count(), background_weight=number(), head_lr_scale=number(above=True), num_signs=int_range(1),
     test_seed=count(0),

@@ -26,6 +26,7 @@ import torch.nn as nn
 from safetensors.torch import save_file
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.optim import create_optimizer_v2
+from tqdm import tqdm
 
 import timm
 from ..cost import count_flops
@@ -34,7 +35,7 @@ from ..files import RunFolder, RunFolderError, replacing, setting_changes, write
 from ..teachers import dense_counterpart_kwargs
 
 __all__ = [
-    'Progress', 'normalize', 'gflops', 'run_logged', 'write_json', 'save', 'load_training_state',
+    'progress_bar', 'normalize', 'gflops', 'run_logged', 'write_json', 'save', 'load_training_state',
     'save_training_state', 'train_steps', 'fit', 'random_indices', 'cached_split', 'equal_cost_size', 'export_fp16',
     'Rule', 'count', 'step_count', 'number', 'share_range', 'int_range', 'choice', 'text', 'kwargs', 'lookwhere_model',
     'same_architecture', 'parse_settings',
@@ -53,23 +54,24 @@ STD = torch.tensor(IMAGENET_DEFAULT_STD).view(1, 3, 1, 1)
 # progress, files, costs
 
 
-class Progress:
-    """Logs a stage's step, loss, speed and time left at most every `every` seconds (and at the end)."""
+class _LogLines:
+    """A file for tqdm that hands each refreshed bar to the recipe's log as a line: the console and OUTPUT/run.log
+    show where a stage is, how fast it goes and how long it has left."""
 
-    def __init__(self, stage: str, total: int, first: int = 1, every: float = 30.):
-        self.stage, self.total, self.first, self.every = stage, total, first, every
-        self.start = self.last = time.perf_counter()
+    def write(self, text: str) -> None:
+        text = text.strip('\r\n ')
+        if text:
+            _logger.info(text)
 
-    def update(self, step: int, **values: float) -> None:
-        now = time.perf_counter()
-        if now - self.last < self.every and step != self.total:
-            return
-        self.last = now
-        elapsed = now - self.start
-        eta = elapsed / max(1, step - self.first + 1) * (self.total - step)
-        shown = ' '.join(f'{k} {v:.4g}' for k, v in values.items())
-        _logger.info(f'{self.stage}: step {step}/{self.total} {shown} | {elapsed / 60:.1f} min, '
-                     f'{eta / 60:.1f} min left')
+    def flush(self) -> None:
+        pass
+
+
+def progress_bar(stage: str, total: int, done: int = 0, every: float = 30.) -> tqdm:
+    """tqdm's bar of a stage's `total` steps (`done` of them before this launch), logged at most every `every`
+    seconds and at the end."""
+    return tqdm(total=total, initial=done, desc=stage, unit='step', file=_LogLines(), mininterval=every,
+                bar_format='{desc}: step {n}/{total} [{elapsed} so far, {remaining} left, {rate_fmt}{postfix}]')
 
 
 def normalize(x: torch.Tensor) -> torch.Tensor:
@@ -160,7 +162,7 @@ def cached_split(
 def _write_split(files: Dict[str, Tuple[str, Tuple[int, ...]]], done: str,
                  loader: Callable[[], Iterable[Sequence[torch.Tensor]]], kept: Sequence[str], what: str) -> None:
     batches = loader()
-    progress = Progress(what, len(batches))
+    progress = progress_bar(what, len(batches))
     small: Dict[str, List[torch.Tensor]] = {name: [] for name in kept}
     with contextlib.ExitStack() as stack:
         arrays = {name: np.memmap(stack.enter_context(replacing(path)), dtype=np.uint8, mode='w+', shape=shape)
@@ -172,7 +174,8 @@ def _write_split(files: Dict[str, Tuple[str, Tuple[int, ...]]], done: str,
             for name, items in zip(kept, batch[len(arrays):]):
                 small[name].append(items)
             start += len(batch[0])
-            progress.update(step)
+            progress.update(1)
+        progress.close()
         for array in arrays.values():
             array.flush()
         del arrays  # closes the maps before the files are renamed
@@ -237,7 +240,7 @@ def train_steps(
     if done:
         _logger.info(f'{stage}: continuing after step {done} of {steps} ({state_path})')
     params = [p for p in model.parameters() if p.requires_grad]
-    progress = Progress(stage, steps, first=done + 1)
+    progress = progress_bar(stage, steps, done)
     averages: Dict[str, float] = {}
     last_save = time.perf_counter()
     model.train()
@@ -258,10 +261,13 @@ def train_steps(
         optimizer.zero_grad(set_to_none=True)
         for name, value in dict(loss=loss.item(), **metrics).items():
             averages[name] = value if name not in averages else smoothing * averages[name] + (1 - smoothing) * value
-        progress.update(step, **averages, lr=optimizer.param_groups[0]['lr'])
+        progress.set_postfix({**{k: f'{v:.4g}' for k, v in averages.items()},
+                              'lr': f"{optimizer.param_groups[0]['lr']:.3g}"}, refresh=False)
+        progress.update(1)
         if step == steps or time.perf_counter() - last_save > save_every_s:
             save_training_state(state_path, model, optimizer, generators, step)
             last_save = time.perf_counter()
+    progress.close()
     model.eval()
 
 
