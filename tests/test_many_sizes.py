@@ -348,3 +348,12 @@ def test_an_empty_naflex_batch_or_list_is_named():
         model(empty)
     with pytest.raises(ValueError, match='give a non-empty list'):
         model([])
+
+
+def test_forward_head_takes_a_features_dict_without_patch_valid_as_nothing_padded():
+    # {'patches': ...} alone raised a KeyError
+    model = many_sizes_model(global_pool='avg', k=6)
+    x = torch.randn(2, 3, 112, 112)
+    with torch.no_grad():
+        torch.testing.assert_close(model.forward_head({'patches': model.forward_features(x)}), model(x),
+                                   rtol=0, atol=1e-6)

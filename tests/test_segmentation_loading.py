@@ -2,7 +2,9 @@
 of each part), and the dense teacher loads in one call: from the shipped file, from a written one, or from the file
 a recipe run's teacher stage leaves."""
 import os
+import re
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,6 +14,7 @@ from timm.layers import resample_abs_pos_embed
 import timm
 import timm_lookwhere
 from timm_lookwhere.recipes import dense_signs
+from timm_lookwhere.scenes import generate_dense_scene
 from timm_lookwhere.segmentation import (
     SHIPPED_DENSE_TEACHERS, SHIPPED_SEGMENTERS, LookWhereSegmenter, ViTSegmenter, create_segmenter,
 )
@@ -36,7 +39,7 @@ def scene_batch(side=512):
 def by_hand(stored, **kwargs):
     """The shipped segmenter as it loaded before its pretrained cfg: the file's values copied into a float model,
     the position embedding resized by hand (bicubic, no antialias) where img_size asks for another grid."""
-    model = LookWhereSegmenter(timm.create_model('lookwhere_vitt16_512', num_classes=0, **kwargs), 15)
+    model = LookWhereSegmenter(timm.create_model('lookwhere_vitt16_512', num_classes=0, **kwargs), 15, fill='selector')
     state = {k: v.float() for k, v in stored.items()}
     grid = model.backbone.grid_size
     if state['backbone.pos_embed'].shape[1] != grid[0] * grid[1]:
@@ -157,3 +160,46 @@ def test_the_shipped_dense_teacher_loads_offline_and_segments_a_512_px_scene():
     assert all(torch.equal(v, stored[k].float()) for k, v in teacher.state_dict().items())
     with torch.no_grad():
         assert teacher(scene_batch()).shape == (1, 15, 512, 512)
+
+
+def test_the_dense_teacher_refuses_another_class_count_with_its_weights_and_names_the_way_out():
+    # timm loaded the ViT and left a 3-class head untrained, silently
+    way_out = "ViTSegmenter(timm_lookwhere.create_teacher('lookwhere_vitt16_512.sparse_signs'), num_classes=3)"
+    with pytest.raises(ValueError, match=r"segments the 15 classes it shipped with; for 3, .*" + re.escape(way_out)):
+        timm_lookwhere.create_teacher(SEGMENTER, num_classes=3)
+    assert timm_lookwhere.create_teacher(SEGMENTER, pretrained=False, num_classes=3).head.out_channels == 3
+    assert timm_lookwhere.create_teacher(SEGMENTER, num_classes=15).head.out_channels == 15
+    teacher = ViTSegmenter(timm_lookwhere.create_teacher('lookwhere_vitt16_512.sparse_signs'), num_classes=3).eval()
+    with torch.no_grad():
+        assert teacher(torch.zeros(1, 3, 512, 512)).shape == (1, 3, 512, 512)
+
+
+def test_the_dense_teacher_refuses_an_img_size_off_its_patch_naming_the_nearest():
+    # 250 px was taken, and the ViT's 15x15 grid never saw the last 10 pixels of each side
+    with pytest.raises(ValueError, match=r'img_size=\(250, 250\) is not a multiple of the 16 px patch.*\[240, 256\]'):
+        timm_lookwhere.create_teacher(SEGMENTER, img_size=250)
+    with pytest.raises(ValueError, match=r'img_size=\(8, 40\) .*\[16, 32, 48\]'):
+        timm_lookwhere.create_teacher(SEGMENTER, pretrained=False, img_size=(8, 40))
+
+
+def test_the_dense_teacher_takes_uint8_pixels_as_the_floats_its_pretrained_cfg_normalises():
+    # a uint8 batch met the float convolution (a dtype RuntimeError)
+    teacher = timm_lookwhere.create_teacher(SEGMENTER).eval()
+    pixels = torch.from_numpy(np.array(generate_dense_scene(2027, 'test', 0).image)).permute(2, 0, 1)[None]
+    mean, std = (torch.tensor(teacher.pretrained_cfg[k]).view(1, 3, 1, 1) for k in ('mean', 'std'))
+    with torch.no_grad():
+        torch.testing.assert_close(teacher(pixels), teacher((pixels.float() / 255 - mean) / std), rtol=1e-5, atol=1e-5)
+    with pytest.raises(TypeError, match='expected uint8 pixels'):
+        teacher(pixels.long())
+
+
+def test_the_dense_teacher_names_the_size_it_takes_and_the_ways_to_another():
+    # timm's bare AssertionError: "Input height (256) doesn't match model (512)."
+    teacher = timm_lookwhere.create_teacher(SEGMENTER).eval()
+    x = torch.randn(1, 3, 256, 256)
+    with pytest.raises(ValueError, match=r'built for 512x512 images, got 256x256; create it with '
+                                         r'img_size=\(256, 256\), or with dynamic_img_size=True'):
+        teacher(x)
+    with torch.no_grad():
+        assert timm_lookwhere.create_teacher(SEGMENTER, img_size=256)(x).shape == (1, 15, 256, 256)
+        assert timm_lookwhere.create_teacher(SEGMENTER, dynamic_img_size=True)(x).shape == (1, 15, 256, 256)

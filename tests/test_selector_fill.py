@@ -69,3 +69,14 @@ def test_a_list_of_images_gives_each_what_it_gives_alone():
 def test_an_unknown_fill_or_another_than_a_shipped_segmenter_was_trained_with_is_refused():
     with pytest.raises(ValueError, match="fill must be one of \\('idw', 'selector'\\), got 'nearest'"):
         tiny_segmenter('nearest')
+
+
+def test_the_learned_fill_of_an_empty_batch_is_empty():
+    # its reshape of the selector's view could not infer the channels of zero images (a RuntimeError)
+    fill = SelectorInformedFill(embed_dim=8, selector_dim=6)
+    out = fill(torch.zeros(0, 8, 4, 5), torch.zeros(0, 3, dtype=torch.long), torch.zeros(0, 9, 6), (3, 3),
+               torch.zeros(0, 20))
+    assert out.shape == (0, 8, 4, 5)
+    seg = tiny_segmenter('selector')
+    with torch.no_grad():
+        assert seg(torch.zeros(0, 3, 112, 112)).shape == (0, 4, 112, 112)

@@ -164,7 +164,8 @@ class SelectorInformedFill(nn.Module):
         seen = torch.zeros(batch_size, rows * cols, device=filled.device, dtype=filled.dtype)
         seen.scatter_(1, indices, 1.)  # (B, N)
         _, distance = nearest_chosen(indices, (rows, cols), 1)  # (B, N, 1)
-        view = self.selector_proj(selector_tokens).transpose(1, 2).reshape(batch_size, -1, *selector_grid)
+        view = self.selector_proj(selector_tokens).transpose(1, 2).reshape(
+            batch_size, self.selector_proj.out_features, *selector_grid)  # explicit sizes: B may be 0
         view = F.interpolate(view, size=(rows, cols), mode='bilinear', align_corners=False)  # (B, hidden, rows, cols)
         cues = torch.stack([map_logits.to(filled.dtype), seen, distance[..., 0].to(filled.dtype).clamp(max=8) / 8],
                            dim=1).view(batch_size, 3, rows, cols)  # (B, 3, rows, cols)

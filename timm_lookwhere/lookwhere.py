@@ -16,8 +16,9 @@ import logging
 import math
 import numbers
 import os
-from typing import Any, Dict, List, Optional, Sequence, Set, Tuple, Type, Union
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Set, Tuple, Type, Union
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -275,12 +276,22 @@ class TopKSelect(nn.Module):
         return f'k={self.k}' if self.k_ratio is None else f'k={self.k}, k_ratio={self.k_ratio}'
 
 
+def _lookwhere_in(model: nn.Module, user: str) -> 'LookWhere':
+    """The LookWhere a hook goes on: the model itself, a segmenter's backbone, or what timm's features_only wrapper
+    holds."""
+    for candidate in (model, getattr(model, 'backbone', None), getattr(model, 'model', None)):
+        if isinstance(candidate, LookWhere):
+            return candidate
+    raise TypeError(f'{user} hooks the top-k of a LookWhere model (or of a LookWhere segmenter, or timm\'s '
+                    f'features_only wrapper of one); got a {type(model).__name__}')
+
+
 class _TopKHook:
     """A forward hook on a LookWhere's `topk` while a `with` block lasts. Hooks run in the order the blocks were
     entered, and one that returns ids replaces them for the hooks after it (a recorder entered last sees them)."""
 
-    def __init__(self, model: 'LookWhere'):
-        self.model = model
+    def __init__(self, model: nn.Module):
+        self.model = _lookwhere_in(model, type(self).__name__)
         self._handle = None
 
     def _hook(self, module: nn.Module, args: Tuple[torch.Tensor], indices: torch.Tensor) -> Optional[torch.Tensor]:
@@ -324,7 +335,11 @@ class RandomSelection(_TopKHook):
 
     def __init__(self, model: 'LookWhere', seed: int = 0):
         super().__init__(model)
-        self.seed = seed
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+            raise TypeError(f'seed must be an int, got {seed!r}')
+        if not -2 ** 63 <= seed < 2 ** 64:
+            raise ValueError(f'seed must be in [-2**63, 2**64), what torch.Generator.manual_seed takes; got {seed}')
+        self.seed = int(seed)
         self._generator: Optional[torch.Generator] = None
 
     def __enter__(self) -> 'RandomSelection':
@@ -352,10 +367,15 @@ class PreferredSelection(_TopKHook):
 
     def __init__(self, model: 'LookWhere', preferred: Union[torch.Tensor, Sequence[Any]]):
         super().__init__(model)
+        if isinstance(preferred, np.ndarray) and preferred.dtype == np.bool_:
+            preferred = torch.from_numpy(preferred)
         if isinstance(preferred, torch.Tensor) and (preferred.dim() != 2 or preferred.dtype != torch.bool):
             raise ValueError(f'preferred patches must be an (n, N) bool tensor or n collections of patch ids, got a '
                              f'{preferred.dtype} tensor of shape {list(preferred.shape)}')
-        self.preferred = preferred
+        if isinstance(preferred, (str, bytes, Mapping)) or not isinstance(preferred, (torch.Tensor, Iterable)):
+            raise TypeError(f'preferred patches must be an (n, N) bool tensor or a sequence of n collections of patch '
+                            f'ids, one per image in order; got a {type(preferred).__name__}')
+        self.preferred = preferred if isinstance(preferred, (torch.Tensor, Sequence)) else list(preferred)
         self._next = 0  # the image the next top-k row belongs to
 
     def __enter__(self) -> 'PreferredSelection':
@@ -375,12 +395,30 @@ class PreferredSelection(_TopKHook):
             return self.preferred[first:self._next]
         rows = torch.zeros(batch_size, num_patches, dtype=torch.bool)
         for row, ids in enumerate(self.preferred[first:self._next]):
-            ids = torch.as_tensor(list(ids) if isinstance(ids, (set, frozenset)) else ids, dtype=torch.long)
+            ids = self._image_ids(ids, first + row, num_patches)
             if ids.numel() and (ids.min() < 0 or ids.max() >= num_patches):
                 raise ValueError(f'preferred patch ids of image {first + row} lie outside [0, {num_patches}), the '
                                  f'patches of its grid: {ids[(ids < 0) | (ids >= num_patches)][:8].tolist()}')
             rows[row, ids] = True
         return rows
+
+    @staticmethod
+    def _image_ids(ids: Any, image: int, num_patches: int) -> torch.Tensor:
+        """One image's entry -> its preferred patch ids: a collection of integer ids, or an (N,) bool mask."""
+        try:
+            ids = torch.as_tensor(list(ids) if isinstance(ids, (set, frozenset)) else ids)
+        except (TypeError, ValueError, RuntimeError):
+            raise TypeError(f'preferred patches of image {image}: expected a collection of patch ids or an (N,) '
+                            f'bool mask, got {type(ids).__name__}') from None
+        if ids.dtype == torch.bool:  # a mask of the image's patches
+            if ids.dim() != 1 or len(ids) != num_patches:
+                raise ValueError(f'preferred patches of image {image}: a bool mask of shape {list(ids.shape)} for '
+                                 f'its {num_patches} patches; give ({num_patches},)')
+            return ids.nonzero()[:, 0]
+        if ids.numel() and (ids.is_floating_point() or ids.is_complex()):
+            raise TypeError(f'preferred patches of image {image}: patch ids are whole numbers, got {ids.dtype} '
+                            f'values {ids.flatten()[:4].tolist()}')
+        return ids.long().flatten()
 
     def _hook(self, module, args, indices):
         scores = args[0]  # (B, N)
@@ -691,8 +729,8 @@ class LookWhere(nn.Module):
 
     def _select(self, x: Images) -> Dict[str, Any]:
         """The selector's step, for every input form: the `map` logits over each image's high-res patches, the
-        chosen `indices` (best first), the `grid_size` they refer to, the selector's `prefix` tokens (B, P, D)
-        and the `images` the extractor cuts from.
+        chosen `indices` (best first), the `grid_size` they refer to, the selector's `prefix` tokens (B, P, D) and
+        patch tokens (`selector_tokens`, (B, h * w, D)), and the `images` the extractor cuts from.
 
         A (B, C, H, W) batch gives (B, N), (B, k), one (rows, cols) and the checked batch. A list or a NaFlex
         dict (`many`) gives lists with an entry per image: (1, N_i), (1, k_i), (rows_i, cols_i), (1, C, H_i, W_i)
@@ -985,7 +1023,7 @@ class LookWhere(nn.Module):
         they are padded), or the {'patches', 'patch_valid'} it gives for many images; padding stays out of
         'avg' pooling, as in NaFlexViT's forward_head."""
         if isinstance(x, dict):
-            x, patch_valid = x['patches'], x['patch_valid']
+            x, patch_valid = x['patches'], x.get('patch_valid')
         x = self.head_drop(self.pool(x, patch_valid=patch_valid))
         return x if pre_logits else self.head(x)
 

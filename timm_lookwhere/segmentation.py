@@ -31,6 +31,7 @@ from timm.models import PretrainedCfg, build_model_with_cfg, split_model_name_ta
 from timm.models.vision_transformer import checkpoint_filter_fn as vit_checkpoint_filter_fn
 
 from .dense import SelectorInformedFill
+from .layers import check_image_batch, normalize_pixels
 from .lookwhere import WEIGHTS_DIR, LookWhere, checkpoint_filter_fn
 from .teachers import create_teacher, window_features
 
@@ -70,6 +71,19 @@ def _cell_head(embed_dim: int, num_classes: int) -> nn.Conv2d:
     nn.init.trunc_normal_(head.weight, std=0.02)
     nn.init.zeros_(head.bias)
     return head
+
+
+def _check_vit_img_size(vit: nn.Module) -> None:
+    """A ViT whose image side is no multiple of its patch drops the last pixels of each side (timm cuts the grid
+    short): refused, with the sizes nearest."""
+    embed = vit.patch_embed
+    patch = embed.patch_size[0]
+    if getattr(embed, 'dynamic_img_pad', False) or all(side % patch == 0 for side in embed.img_size):
+        return
+    nearest = sorted({size for side in embed.img_size if side % patch
+                      for size in (side // patch * patch, side // patch * patch + patch) if size > 0})
+    raise ValueError(f'img_size={tuple(embed.img_size)} is not a multiple of the {patch} px patch: the ViT would '
+                     f'not see the last pixels of each side; take one of {nearest} (img_size=...)')
 
 
 class LookWhereSegmenter(nn.Module):
@@ -160,18 +174,22 @@ class ViTSegmenter(nn.Module):
     """A full-res timm ViT with LookWhere's segmentation head: a linear layer on every patch token, logits
     upsampled to the pixels (what a LookWhere segmenter is compared with, and its teacher). With `img_size`,
     it sees a low-res copy of that side instead (the baseline at equal cost), its grid's logits upsampled to
-    the full image. Takes a (B, C, H, W) batch, gives (B, num_classes, H, W).
+    the full image. Takes a (B, C, H, W) batch, normalised floats or uint8 pixels (normalised with the pretrained
+    cfg's mean and std, as LookWhere does), gives (B, num_classes, H, W).
     """
 
     def __init__(self, vit: nn.Module, num_classes: int, img_size: Optional[int] = None):
         super().__init__()
         num_classes = _check_num_classes(num_classes)
+        _check_vit_img_size(vit)
         vit.reset_classifier(0)
         self.vit = vit
         self.num_classes = num_classes
         self.img_size = img_size
         self.patch_size = vit.patch_embed.patch_size[0]
         self.head = _cell_head(vit.embed_dim, num_classes)
+        # uint8 pixels are normalised with its mean and std (build_model_with_cfg sets the segmenter's own)
+        self.pretrained_cfg = getattr(vit, 'pretrained_cfg', {})
 
     def forward_head(self, features: torch.Tensor, grid_size: Tuple[int, int]) -> torch.Tensor:
         """The ViT's (B, P + rows * cols, D) features -> (B, num_classes, rows, cols) cell logits."""
@@ -190,6 +208,16 @@ class ViTSegmenter(nn.Module):
         if not isinstance(x, torch.Tensor) or x.dim() != 4:
             got = list(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f'a ViTSegmenter takes a (B, C, H, W) batch, got {got}')
+        embed = self.vit.patch_embed
+        # timm's ViT asserts the size with no way out, and a uint8 batch meets a float convolution
+        resized = self.img_size is not None  # any size: the copy is resized to the ViT's
+        fixed_size = None if resized or getattr(self.vit, 'dynamic_img_size', False) else tuple(embed.img_size)
+        check_image_batch(x, embed.proj.in_channels, self.patch_size, fixed_size,
+                          pad=resized or fixed_size is not None or embed.dynamic_img_pad, dtype=embed.proj.weight.dtype)
+        if x.dtype == torch.uint8:
+            mean = torch.tensor(self.pretrained_cfg.get('mean', IMAGENET_DEFAULT_MEAN), device=x.device)
+            std = torch.tensor(self.pretrained_cfg.get('std', IMAGENET_DEFAULT_STD), device=x.device)
+            x = normalize_pixels(x, mean, std, 1).to(embed.proj.weight.dtype)
         if self.img_size is not None:
             x = F.interpolate(x, size=(self.img_size, self.img_size), mode='bilinear', antialias=True,
                               align_corners=False)
@@ -253,7 +281,7 @@ SEGMENTER_CFGS: Dict[str, PretrainedCfg] = {
     ),
 }
 # the segmenter arguments each shipped one was trained with (its fill; 'idw' where none is given)
-SEGMENTER_ARGS: Dict[str, Dict[str, Any]] = {}
+SEGMENTER_ARGS: Dict[str, Dict[str, Any]] = {'lookwhere_vitt16_512.dense_signs': dict(fill='selector')}
 # name -> (backbone architecture, classes, weights file)
 SHIPPED_SEGMENTERS: Dict[str, Tuple[str, int, str]] = {
     name: (cfg.architecture, cfg.num_classes, cfg.file) for name, cfg in SEGMENTER_CFGS.items()}
@@ -372,6 +400,16 @@ def create_dense_teacher(model_name: str, pretrained: bool = True, **kwargs) -> 
     if model_name not in SHIPPED_DENSE_TEACHERS:
         raise ValueError(f'no dense teacher ships for {model_name!r}; one ships for {sorted(SHIPPED_DENSE_TEACHERS)}')
     vit_of, cfg = SHIPPED_DENSE_TEACHERS[model_name]
+    num_classes = kwargs.get('num_classes')
+    if num_classes is not None:
+        num_classes = _check_num_classes(num_classes)
+    shipped_classes = (kwargs.get('pretrained_cfg_overlay') or {}).get('num_classes', cfg.num_classes)
+    if pretrained and num_classes not in (None, shipped_classes):
+        # timm would load the ViT and leave the head of the other class count untrained, silently
+        raise ValueError(f"{model_name}'s teacher segments the {shipped_classes} classes it shipped with; for "
+                         f'{num_classes}, put a new head on the full-res ViT of its classification teacher: '
+                         f'ViTSegmenter(timm_lookwhere.create_teacher({vit_of!r}), num_classes={num_classes}) '
+                         '(timm_lookwhere.segmentation), or pretrained=False for a random one')
     if pretrained:
         _check_weights_file(f"{model_name}'s teacher", cfg, kwargs.get('pretrained_cfg_overlay'), (
             f"Reinstall timm-lookwhere, or train it with {DENSE_SIGNS_RECIPE} --output DIR --stages data,teacher and "
@@ -449,15 +487,41 @@ def segmentation_loss(
     return total / weight if weight > 0 else total
 
 
+def _check_class_id_dtype(values: torch.Tensor, what: str, hint: str) -> None:
+    # floats would be truncated to a class (1.4 counted as 1): silently wrong
+    if values.is_floating_point() or values.is_complex():
+        raise TypeError(f'confusion_matrix: the {what} is {values.dtype}, not class ids; {hint}')
+
+
 def confusion_matrix(
-        prediction: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_index: int = IGNORE_INDEX,
+        prediction: Union[torch.Tensor, Sequence[torch.Tensor]],
+        target: Union[torch.Tensor, Sequence[torch.Tensor]],
+        num_classes: int,
+        ignore_index: int = IGNORE_INDEX,
 ) -> torch.Tensor:
     """(num_classes, num_classes) int64 pixel counts, rows the true class, columns the predicted one.
-    Class ids outside [0, num_classes) (but `ignore_index` in the target) are refused, named."""
+
+    Takes integer class ids of the same shape (a (B, H, W) batch, or an image's (H, W)), or lists of (H_i, W_i)
+    predictions and masks (what a segmenter gives for a list of images): their matrices summed. Class ids outside
+    [0, num_classes) (but `ignore_index` in the target) and float values are refused, named.
+    """
     num_classes = _check_num_classes(num_classes)
+    if isinstance(prediction, (list, tuple)) or isinstance(target, (list, tuple)):
+        prediction, target = list(prediction), list(target)
+        if len(prediction) != len(target):
+            raise ValueError(f'confusion_matrix: {len(prediction)} predictions for {len(target)} masks')
+        matrices = [confusion_matrix(p, t, num_classes, ignore_index) for p, t in zip(prediction, target)]
+        return torch.stack(matrices).sum(0) if matrices else torch.zeros(num_classes, num_classes, dtype=torch.int64)
+    for what, values in (('prediction', prediction), ('target', target)):
+        if not isinstance(values, torch.Tensor):
+            raise TypeError(f'confusion_matrix takes tensors of class ids (or lists of them); the {what} is a '
+                            f'{type(values).__name__} (torch.as_tensor(...) converts an array)')
     if prediction.shape != target.shape:
         raise ValueError(f'confusion_matrix: prediction {list(prediction.shape)} and target {list(target.shape)} '
                          'differ in shape (give class ids, e.g. logits.argmax(1), not logits)')
+    _check_class_id_dtype(prediction, 'prediction', 'give the class of each pixel: logits.argmax(1) (dim 0 for '
+                          "one image's (C, H, W) logits)")
+    _check_class_id_dtype(target, 'target', 'give the mask as integer class ids (mask.long() if its values are whole)')
     valid = target != ignore_index
     target, prediction = target[valid].long(), prediction[valid].long()
     _check_class_ids(target, num_classes, 'the target')
@@ -466,41 +530,90 @@ def confusion_matrix(
     return torch.bincount(pairs, minlength=num_classes ** 2).view(num_classes, num_classes)
 
 
+def _check_confusion(confusion: Any) -> torch.Tensor:
+    """A (C, C) confusion matrix (counts, or normalised floats) -> float64."""
+    if not isinstance(confusion, torch.Tensor):
+        raise TypeError(f'expected a (C, C) confusion matrix tensor (confusion_matrix\'s), got a '
+                        f'{type(confusion).__name__} (torch.as_tensor(...) converts an array)')
+    if confusion.dim() != 2 or confusion.shape[0] != confusion.shape[1]:
+        stacked = confusion.dim() == 3 and confusion.shape[1] == confusion.shape[2]
+        raise ValueError(f'expected a (C, C) confusion matrix (rows the true class, columns the predicted one), '
+                         f'got shape {list(confusion.shape)}'
+                         + ('; a stack of per-image matrices sums to one: confusion.sum(0)' if stacked else ''))
+    return confusion.double()
+
+
+def _class_ids(classes: Any, num_classes: int) -> torch.Tensor:
+    """`classes` of a mean -> their ids, each an int in [0, num_classes) given once (-1 would silently be the last
+    class, a bool mask would be read as the ids 0 and 1, a repeated class would weigh twice)."""
+    if isinstance(classes, numbers.Number) or isinstance(classes, (str, bytes)):
+        raise TypeError(f'classes must be a sequence of class ids, e.g. [1, 2], got {classes!r}')
+    if hasattr(classes, 'dtype'):  # a tensor or an array
+        values = torch.as_tensor(classes)
+        if values.dtype == torch.bool:
+            raise TypeError('classes must be class ids, got a bool mask; its ids: mask.nonzero().flatten().tolist()')
+        if values.is_floating_point() or values.is_complex():
+            raise TypeError(f'classes must be class ids (ints), got {values.dtype} values')
+        ids = values.flatten().tolist()
+    else:
+        ids = list(classes)
+        if any(isinstance(c, bool) for c in ids):
+            raise TypeError('classes must be class ids, got bools; the ids of a mask: '
+                            '[i for i, keep in enumerate(mask) if keep]')
+        wrong = [c for c in ids if not isinstance(c, numbers.Integral)]
+        if wrong:
+            raise TypeError(f'classes must be class ids (ints), got {wrong[:10]}')
+        ids = [int(c) for c in ids]
+    if not ids:
+        raise ValueError('classes is empty: give the class ids to average over, or None for all')
+    outside = sorted({c for c in ids if not 0 <= c < num_classes})
+    if outside:
+        backwards = ' (ids do not count from the end)' if min(outside) < 0 else ''
+        raise ValueError(f'classes must be ids of the {num_classes} classes [0, {num_classes}) of the confusion '
+                         f'matrix; not: {outside[:10]}{backwards}')
+    repeated = sorted({c for c in ids if ids.count(c) > 1})
+    if repeated:
+        raise ValueError(f'classes names {repeated[:10]} more than once; give each class once')
+    return torch.tensor(ids, dtype=torch.long)
+
+
 def iou_per_class(confusion: torch.Tensor) -> torch.Tensor:
-    """(C, C) confusion -> (C,) intersection over union; NaN for a class neither present nor predicted."""
-    confusion = confusion.double()
+    """(C, C) confusion (pixel counts, or a normalised float matrix) -> (C,) intersection over union; NaN for a
+    class neither present nor predicted."""
+    confusion = _check_confusion(confusion)
     hits = confusion.diagonal()
     union = confusion.sum(0) + confusion.sum(1) - hits
-    return torch.where(union > 0, hits / union.clamp(min=1), torch.full_like(hits, float('nan')))
+    return torch.where(union > 0, hits / union, torch.full_like(hits, float('nan')))
 
 
 def mean_iou(confusion: torch.Tensor, classes: Optional[Sequence[int]] = None) -> float:
-    """Mean IoU over `classes` (default: all) that are present or predicted."""
+    """Mean IoU over `classes` (ids in [0, C); default: all) that are present or predicted."""
     iou = iou_per_class(confusion)
     if classes is not None:
-        iou = iou[list(classes)]
+        iou = iou[_class_ids(classes, len(iou))]
     return float(iou.nanmean())
 
 
 def accuracy_per_class(confusion: torch.Tensor) -> torch.Tensor:
-    """(C, C) confusion -> (C,) accuracy of each class: its pixels predicted as it / its pixels (recall); NaN for a
-    class absent from the target."""
-    confusion = confusion.double()
+    """(C, C) confusion (pixel counts, or a normalised float matrix) -> (C,) accuracy of each class: its pixels
+    predicted as it / its pixels (recall); NaN for a class absent from the target."""
+    confusion = _check_confusion(confusion)
     pixels = confusion.sum(1)
-    return torch.where(pixels > 0, confusion.diagonal() / pixels.clamp(min=1), torch.full_like(pixels, float('nan')))
+    return torch.where(pixels > 0, confusion.diagonal() / pixels, torch.full_like(pixels, float('nan')))
 
 
 def mean_accuracy(confusion: torch.Tensor, classes: Optional[Sequence[int]] = None) -> float:
-    """Mean of the per-class accuracies over `classes` (default: all) present in the target: mmsegmentation's mAcc."""
+    """Mean of the per-class accuracies over `classes` (ids in [0, C); default: all) present in the target:
+    mmsegmentation's mAcc."""
     accuracy = accuracy_per_class(confusion)
     if classes is not None:
-        accuracy = accuracy[list(classes)]
+        accuracy = accuracy[_class_ids(classes, len(accuracy))]
     return float(accuracy.nanmean())
 
 
 def pixel_accuracy(confusion: torch.Tensor) -> float:
     """Labelled pixels predicted right / labelled pixels, every class together: mmsegmentation's aAcc (NaN for none)."""
-    confusion = confusion.double()
+    confusion = _check_confusion(confusion)
     total = confusion.sum()
     return float(confusion.trace() / total) if total > 0 else float('nan')
 
