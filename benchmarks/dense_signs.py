@@ -40,17 +40,20 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import timm_lookwhere
 from timm_lookwhere import PreferredSelection, RandomSelection, SelectionRecorder
 from timm_lookwhere.cost import median_latency_ms
 from timm_lookwhere.scenes import SEGMENTATION_CLASSES
-from timm_lookwhere.segmentation import SEGMENTER_ARGS, create_segmenter, iou_per_class
+from timm_lookwhere.segmentation import (
+    SEGMENTER_ARGS, confusion_matrix, create_segmenter, iou_per_class, mean_iou, pixel_logits,
+)
 from timm_lookwhere.recipes.dense_signs import (
     CONFIGS, K_RATIOS, NUM_CLASSES, SIGN_CLASSES, RunConfig, confusions, export_path, load_lookwhere, load_lowres,
     load_split, load_teacher, run_config, sign_patches,
 )
-from timm_lookwhere.recipes.stages import gflops, run_evaluation, run_logging, write_json
+from timm_lookwhere.recipes.stages import gflops, normalize, run_evaluation, run_logging, write_json
 
 _logger = logging.getLogger('dense_signs')
 BOOTSTRAP = 1000  # resamples of the test scenes for the intervals
@@ -191,6 +194,33 @@ def evaluate_rows(run: Evaluated, args: argparse.Namespace) -> Tuple[List[Dict[s
     return rows, per_scene, timed, test
 
 
+@torch.no_grad()
+def cell_costs(run: 'Evaluated', test: Dict[str, torch.Tensor], batch_size: int = 10) -> Dict[str, float]:
+    """What the patch cell costs, as sign mIoU: perfect cells (each cell's class shares upsampled as the models'
+    logits are; each cell's majority class, upsampled so and as blocks), and the teacher's and LookWhere's (its main
+    fill at k = 20%) cell logits upsampled bilinearly (the segmenters' way) against as blocks."""
+    patch = run.teacher.patch_size
+    size = tuple(test['masks'].shape[-2:])
+    main = next(iter(run.segmenters))
+    lookwhere = run.segmenters[main](0.2)
+    confusion = {name: torch.zeros(NUM_CLASSES, NUM_CLASSES, dtype=torch.long) for name in (
+        'perfect cell shares, bilinear', 'perfect cell majority, bilinear', 'perfect cell majority, blocks',
+        'teacher, bilinear', 'teacher, blocks', 'LookWhere k = 20%, bilinear', 'LookWhere k = 20%, blocks')}
+    for start in range(0, len(test['masks']), batch_size):
+        masks = test['masks'][start:start + batch_size].long()
+        images = normalize(test['images'][start:start + batch_size])
+        shares = F.avg_pool2d(F.one_hot(masks, NUM_CLASSES).permute(0, 3, 1, 2).float(), patch)  # (B, C, rows, cols)
+        majority = F.one_hot(shares.argmax(1), NUM_CLASSES).permute(0, 3, 1, 2).float()
+        cells = {'perfect cell shares': shares, 'perfect cell majority': majority,
+                 'teacher': run.teacher.forward_cells(images), 'LookWhere k = 20%': lookwhere.forward_cells(images)}
+        for name, logits in cells.items():
+            for how, up in (('bilinear', pixel_logits(logits, patch, size)),
+                            ('blocks', F.interpolate(logits, scale_factor=patch, mode='nearest'))):
+                if f'{name}, {how}' in confusion:
+                    confusion[f'{name}, {how}'] += confusion_matrix(list(up.argmax(1)), list(masks), NUM_CLASSES)
+    return {name: mean_iou(value, SIGN_CLASSES) for name, value in confusion.items()}
+
+
 def add_intervals(rows: List[Dict[str, Any]], per_scene: Dict[str, torch.Tensor]) -> Dict[str, Dict[str, np.ndarray]]:
     """Each row's metrics, their intervals and its share of the teacher's mIoU (paired); the resamples by row."""
     draws = bootstrap_draws(len(next(iter(per_scene.values()))))
@@ -245,16 +275,18 @@ def add_timings(rows: List[Dict[str, Any]], timed: Dict[str, nn.Module], cfg: Ru
 def evaluate(args: argparse.Namespace, run: Evaluated, folder: str) -> Dict[str, Any]:
     rows, per_scene, timed, test = evaluate_rows(run, args)
     resamples = add_intervals(rows, per_scene)
+    cells = cell_costs(run, test)
     add_timings(rows, timed, run.cfg)
     results = dict(
         config=run.cfg.tag, source='shipped' if args.shipped else 'recipe run', rows=rows,
-        claims=claims(rows, resamples), test_scenes=len(test['masks']), test_seed=run.cfg.test_seed,
+        claims=claims(rows, resamples), cell_costs=cells, test_scenes=len(test['masks']), test_seed=run.cfg.test_seed,
         latency_batch=run.cfg.latency_batch, classes=list(SEGMENTATION_CLASSES), bootstrap=BOOTSTRAP,
         threads=torch.get_num_threads(), machine=f'{platform.processor() or platform.machine()}',
         cpu_count=os.cpu_count(), load_average=os.getloadavg(), settings=dataclasses.asdict(run.cfg),
     )
     write_json(os.path.join(folder, 'results.json'), results)
-    text = '\n\n'.join([results_table(results), claims_text(results), ablation_table(results), class_table(results)])
+    tables = (results_table, claims_text, ablation_table, cell_table, class_table)
+    text = '\n\n'.join(table(results) for table in tables)
     with open(os.path.join(folder, 'results.md'), 'w') as f:
         f.write(text + '\n')
     print(text)
@@ -334,6 +366,13 @@ def ablation_table(results: Dict[str, Any]) -> str:
                            and r['k_ratio'] == ratio)
                 cells.append(_pm(row['miou_signs'], row['miou_signs_ci95']))
         lines.append(f'| {100 * ratio:g}% | ' + ' | '.join(cells) + ' |')
+    return '\n'.join(lines)
+
+
+def cell_table(results: Dict[str, Any]) -> str:
+    """What the patch cell costs (see `cell_costs`)."""
+    lines = ['| what the 16 px cell costs | mIoU, signs (%) |', '|---|---|']
+    lines += [f'| {name} | {100 * value:.1f} |' for name, value in results['cell_costs'].items()]
     return '\n'.join(lines)
 
 
