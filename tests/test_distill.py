@@ -369,15 +369,15 @@ def test_teacher_cache_computes_each_images_targets_once_and_reads_them_back(tmp
     again = cache(x[2:6], torch.tensor([2, 3, 4, 5]))  # two seen, two new
     assert teacher.images_seen == 6 and cache.num_filled == 6
     direct = teacher(x)
-    for key in ('cls', 'patches', 'attn'):
-        torch.testing.assert_close(first[key], direct[key][:4], rtol=0, atol=1e-6)
-        torch.testing.assert_close(again[key], direct[key][2:6], rtol=0, atol=1e-6)
+    for key in ('cls', 'patches', 'attn'):  # batched otherwise: another CPU may sum in another order
+        torch.testing.assert_close(first[key], direct[key][:4], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(again[key], direct[key][2:6], rtol=1e-5, atol=1e-5)
     # a new process reopens the folder and finds the rows filled
     cache.flush()
     reopened = TeacherTargetCache(teacher, str(tmp_path / 'cache'), 10, NUM_PATCHES, 32, dict(teacher='tiny'))
     before = teacher.images_seen
     torch.testing.assert_close(reopened(x[:2], torch.tensor([0, 1]))['patches'], direct['patches'][:2],
-                               rtol=0, atol=1e-6)
+                               rtol=1e-5, atol=1e-5)
     assert teacher.images_seen == before
     with pytest.raises(ValueError, match='another teacher or other data'):
         TeacherTargetCache(teacher, str(tmp_path / 'cache'), 10, NUM_PATCHES, 32, dict(teacher='other'))

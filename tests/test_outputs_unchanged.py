@@ -11,7 +11,7 @@ import timm
 import timm_lookwhere  # noqa: F401  (registers the models)
 from timm_lookwhere.scenes import generate_scene
 
-from conftest import tiny_model
+from conftest import assert_same_selection, tiny_model
 
 RECORDED = Path(__file__).parent / 'data' / 'recorded_outputs.pt'
 
@@ -66,23 +66,9 @@ def record():
 
 
 # Another CPU sums in another order (AVX-512 against AVX2, other thread counts): values move by a few 1e-6 and
-# patches whose scores are that close may trade places. A code move keeps values within this, and the chosen set
-# of patches but for such near-ties.
+# patches whose scores are that close may trade places (`conftest.assert_same_selection`, `NEAR_TIE`). A code move
+# keeps values within this, and the chosen set of patches but for such near-ties.
 TOLERANCE = dict(rtol=1e-5, atol=1e-5)
-NEAR_TIE = 1e-4  # score gap to the k-th best within which a patch may enter or leave the chosen set
-
-
-def assert_same_selection(now_indices, now_map, before_indices, before_map, name):
-    """The chosen set equals the recorded one but for patches scored within NEAR_TIE of the k-th best, and the
-    ids come best first by the model's own map (the order the dense fill breaks ties by)."""
-    assert now_indices.shape == before_indices.shape, f'{name}: k changed'
-    for i, (now, before) in enumerate(zip(now_indices.tolist(), before_indices.tolist())):
-        kth_best = before_map[i, before].min()
-        traded = set(now) ^ set(before)
-        far = [p for p in traded if abs(before_map[i, p] - kth_best) > NEAR_TIE]
-        assert not far, f'{name}, image {i}: patches {far} entered or left the selection, not near-ties'
-        scores = now_map[i, now_indices[i]]
-        assert bool((scores[:-1] >= scores[1:]).all()), f'{name}, image {i}: ids not best first'
 
 
 @pytest.fixture(scope='module')

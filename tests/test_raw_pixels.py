@@ -9,9 +9,8 @@ import timm
 from timm_lookwhere.layers import normalize_pixels
 from timm_lookwhere.scenes import WIDE_AREA_RANGE, generate_scene
 
-from conftest import TINY, tiny_model
+from conftest import TINY, assert_same_selection, tiny_model
 from test_many_sizes import naflex_batch
-from test_outputs_unchanged import assert_same_selection
 
 CLOSE = dict(rtol=1e-5, atol=1e-5)
 
@@ -95,6 +94,19 @@ def test_a_uint8_list_gives_each_image_what_it_gives_alone_and_what_floats_give(
             torch.testing.assert_close(logits, model([as_float(model, image) for image in images]), **CLOSE)
         for dense, image in zip(model.forward_dense(images), images):
             torch.testing.assert_close(dense, model.forward_dense(image[None])[0], **CLOSE)
+
+
+@pytest.mark.parametrize('size', [(300, 331), (420, 448)], ids=['padded', 'whole_patches'])
+def test_a_decoders_height_width_channel_view_gives_what_contiguous_pixels_give(size):
+    """read_image hands (C, H, W) views of (H, W, C) memory; the copy and the patches read them in place."""
+    model = tiny_model(num_classes=5, dynamic_img_size=True, dynamic_img_pad=True, k_ratio=0.2)
+    decoded = torch.randint(0, 256, (*size, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
+    view = decoded.permute(2, 0, 1)
+    assert not view.is_contiguous()
+    with torch.no_grad():
+        torch.testing.assert_close(model([view]), model([view.contiguous()]), rtol=0, atol=0)
+        torch.testing.assert_close(model.forward_dense(view[None]), model.forward_dense(view.contiguous()[None]),
+                                   rtol=0, atol=0)
 
 
 def test_uint8_naflex_patches_are_normalised_as_the_loaders_floats():

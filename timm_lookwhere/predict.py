@@ -34,9 +34,11 @@ launches again with --max-restarts), a run done with bad files exits 0: the summ
 """
 import argparse
 import contextlib
+import ctypes
 import dataclasses
 import datetime
 import difflib
+import functools
 import hashlib
 import json
 import math
@@ -46,7 +48,7 @@ import platform
 import socket
 import sys
 import time
-from typing import Any, Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 import pyarrow as pa
@@ -656,6 +658,20 @@ class _Item(NamedTuple):
     error: Optional[ImageError]
 
 
+def _malloc_trim() -> Callable[[], Any]:
+    """glibc's malloc_trim(0), or nothing where the C library has none (macOS, Windows, musl)."""
+    try:
+        return functools.partial(ctypes.CDLL('libc.so.6').malloc_trim, 0)
+    except (OSError, AttributeError):
+        return lambda: None
+
+
+# Decoding images of many sizes frees and allocates blocks of tens of MB in turn; glibc keeps what it freed in
+# pieces it cannot reuse for the next, larger frame, and a long run's memory creeps up (measured: 1.05 -> 1.14 GB
+# over 1024 files on one process). Handing the freed pages back after each image and each batch keeps it flat.
+release_freed_memory = _malloc_trim()
+
+
 class _ImageFiles(Dataset):
     """(index, path) pairs -> decoded and prepared images, or why a file gave none."""
 
@@ -666,6 +682,7 @@ class _ImageFiles(Dataset):
         return len(self.entries)
 
     def __getitem__(self, i: int) -> _Item:
+        release_freed_memory()  # what the previous image left
         index, path = self.entries[i]
         try:
             image = read_image(path, self.preprocess.channels, self.pixel_limit)
@@ -923,6 +940,7 @@ def _predict_parts(args: argparse.Namespace, predictor: Predictor, plan: Dict[st
     with tqdm(total=len(entries), unit='img', desc=desc, disable=args.quiet or not launch.lead,
               dynamic_ncols=True) as progress:
         for batch, chunk in zip(loader, batch_chunk):
+            release_freed_memory()
             bad = [item for item in batch if item.error is not None]
             if bad and args.strict:
                 raise _StrictStop(bad[0].error)
