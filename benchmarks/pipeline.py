@@ -15,13 +15,14 @@ the timing does not depend on them):
     decode      the limit of the input side: the predict path's decoding alone
     model       the limit of the model side: the model alone on the decoded uint8 images, already in memory
 
-Each pipeline's images/s end to end, on one process with one torch thread and one DataLoader worker (decoding
-and the model overlap on the two cores), and the share of its time in decoding, pre-processing and the model
-(each step timed alone, image by image, on one thread). Then `lookwhere predict` itself as a command: one
-process of one thread against two under torchrun (one thread each, decoding in the process), and its peak
-resident memory over 64 and 512 files.
+Each pipeline's images/s end to end, on one process with two torch threads and two DataLoader workers (torch's
+and predict's defaults on two cores: decoding and the model overlap), and the share of its time in decoding,
+pre-processing and the model (each step timed alone, image by image). The sign model is timed again on the frames
+of 2 MP and more alone, the photos and 4K frames where a whole-frame float copy costs most. Then `lookwhere predict`
+itself as a command: one process of one thread against two under torchrun (one thread each, decoding in the
+process, the two taking turns), and its peak resident memory over 64 and 512 files.
 
-    python benchmarks/pipeline.py                      # about 15 min on 2 cores; results in benchmarks/results
+    python benchmarks/pipeline.py                      # about 35 min on 2 cores; results in benchmarks/results
     python benchmarks/pipeline.py --tiny               # a quick check of the script, numbers meaningless
 """
 import argparse
@@ -33,6 +34,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Sequence, Tuple
@@ -60,6 +62,13 @@ SIZES = [(640, 480), (1024, 768), (1280, 720), (1600, 1200), (1920, 1080), (2048
 MODELS = {
     'sign': dict(name='lookwhere_vitt16_512.sparse_signs', pretrained=True, k_ratio=0.05,
                  label='shipped sign model, k = 5%'),
+    # the frames the issue's target names: phone photos and 4K frames, where a whole-frame float copy costs most
+    'sign_2mp': dict(name='lookwhere_vitt16_512.sparse_signs', pretrained=True, k_ratio=0.05, min_megapixels=2.0,
+                     label='shipped sign model, k = 5%, frames of 2 MP and more'),
+    # 5% of a 12 MP frame's own patches is 2350 tokens: k = 256 is the model at a fixed budget, what it costs on
+    # its own 512 px scenes whatever the frame
+    'sign_k256': dict(name='lookwhere_vitt16_512.sparse_signs', pretrained=True, k=256,
+                      label='shipped sign model, k = 256'),
     'vitb': dict(name='lookwhere_vitb_518', pretrained=False, k=256, num_classes=1000,  # an ImageNet-sized head
                  label='lookwhere_vitb_518, k = 256'),
 }
@@ -164,16 +173,20 @@ def pipelines(spec: Dict[str, Any], args: argparse.Namespace) -> Tuple[Dict[str,
         for _ in loader(Decoded(paths, lambda image: image), batch, workers, list):
             pass
 
-    def run_model(paths):
+    def hold_in_memory(paths):  # before the model's turns: decoding is not its time
         for path in paths:
             if path not in in_memory:
                 in_memory[path] = predictor.prepare(read_image(path))
+
+    def run_model(paths):
+        hold_in_memory(paths)
         images = [in_memory[path] for path in paths]
         for start in range(0, len(images), batch):
             predictor.predict(images[start:start + batch])
 
     return dict(predict=run_predict, float=run_float, timm=run_timm, decode=run_decode, model=run_model), dict(
-        predictor=predictor, model=model, float_transform=float_transform, vit=vit, vit_transform=vit_transform)
+        predictor=predictor, model=model, float_transform=float_transform, vit=vit, vit_transform=vit_transform,
+        hold_in_memory=hold_in_memory)
 
 
 def timed_in_turns(calls: Dict[str, Callable], files: Dict[str, Sequence[str]], repeats: int) -> Dict[str, List[float]]:
@@ -274,46 +287,63 @@ def many_files(paths: Sequence[str], folder: Path, count: int) -> str:
 
 
 def run(args: argparse.Namespace) -> Dict[str, Any]:
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     work = Path(args.work)
     paths = make_folder(work / 'images', args.images, args.tiny)
     sizes = megapixels(paths)
     results: Dict[str, Any] = dict(
         images=len(paths), megapixels=dict(min=min(sizes), max=max(sizes), mean=statistics.mean(sizes),
                                            above_8=sum(s > 8 for s in sizes)),
-        batch_size=args.batch_size, workers=args.workers, repeats=args.repeats, models={},
+        batch_size=args.batch_size, workers=args.workers, threads=args.threads, repeats=args.repeats, models={},
         machine=dict(processor=platform.processor() or platform.machine(), cpu_count=os.cpu_count(),
                      torch=torch.__version__, timm=timm.__version__), command=' '.join(sys.argv))
-    for key, spec in MODELS.items():
+    for key in args.models:
+        spec = MODELS[key]
         print(f'== {spec["label"]}', flush=True)
         calls, parts = pipelines(spec, args)
+        model_paths = [path for path, size in zip(paths, sizes) if size >= spec.get('min_megapixels', 0)]
         # the full-res ViT-B at 518 px takes seconds an image on a CPU: it reads the first files (every size once)
-        files = {name: paths[:args.slow_images] if key == 'vitb' and name == 'timm' else paths for name in calls}
+        files = {name: paths[:args.slow_images] if key == 'vitb' and name == 'timm' else model_paths
+                 for name in calls}
+        parts['hold_in_memory'](files['model'])
         seconds = timed_in_turns(calls, files, args.repeats)
         rows = {name: dict(seconds_per_image=statistics.median(values), runs=values, images=len(files[name]),
                            images_per_s=1 / statistics.median(values)) for name, values in seconds.items()}
         ratios = {name: [p / q for p, q in zip(seconds[name], seconds['predict'])] for name in seconds}
         for name, row in rows.items():
             row['predict_speedup'] = statistics.median(ratios[name])  # predict's speed over this one's, paired
-        shares = step_shares(parts, paths[:args.slow_images] if key == 'vitb' else paths, args.batch_size)
+        shares = step_shares(parts, paths[:args.slow_images] if key == 'vitb' else model_paths, args.batch_size)
         limits = rows['decode']['seconds_per_image'] + rows['model']['seconds_per_image']
         results['models'][key] = dict(
             label=spec['label'], rows=rows, steps=shares,
             targets=dict(predict_over_float=rows['float']['predict_speedup'],
-                         predict_per_image_over_limits=rows['predict']['seconds_per_image'] / limits))
+                         predict_per_image_over_limits=rows['predict']['seconds_per_image'] / limits,
+                         # what no input path can pass: the float pipeline against the model alone
+                         model_alone_over_float=(rows['float']['seconds_per_image']
+                                                 / rows['model']['seconds_per_image'])))
         print(json.dumps({n: round(r['images_per_s'], 2) for n, r in rows.items()}), flush=True)
     sign, folders = MODELS['sign'], {len(paths): str(work / 'images')}
     folders[args.many] = many_files(paths, work / f'many_{args.many}', args.many)
     print('== lookwhere predict, the command', flush=True)
-    runs = {processes: {files: command_seconds(sign, folder, processes, 0, args.tiny)
-                        for files, folder in folders.items()} for processes in (1, 2)}
+    # one and two processes take turns, `repeats` times: a slower spell of the machine falls on both
+    turns = {processes: {files: [] for files in folders} for processes in (1, 2)}
+    for _ in range(args.repeats):
+        for files, folder in folders.items():
+            for processes in (1, 2):
+                turns[processes][files].append(command_seconds(sign, folder, processes, 0, args.tiny))
     few, many = sorted(folders)
 
-    def steady(processes):  # seconds a file once started: the difference of the two runs
-        return (runs[processes][many]['wall_s'] - runs[processes][few]['wall_s']) / (many - few)
-    results['torchrun'] = dict(runs={str(p): {str(f): r for f, r in by.items()} for p, by in runs.items()},
-                               speedup=runs[1][many]['wall_s'] / runs[2][many]['wall_s'],
-                               steady_speedup=steady(1) / steady(2), files=many)
+    def wall(processes, files, turn):
+        return turns[processes][files][turn]['wall_s']
+
+    def steady(processes, turn):  # seconds a file once started: the difference of the two runs
+        return (wall(processes, many, turn) - wall(processes, few, turn)) / (many - few)
+    runs = {str(p): {str(f): dict(wall_s=statistics.median(r['wall_s'] for r in by[f]), turns=by[f]) for f in by}
+            for p, by in turns.items()}
+    results['torchrun'] = dict(
+        runs=runs, files=many,
+        speedup=statistics.median(wall(1, many, t) / wall(2, many, t) for t in range(args.repeats)),
+        steady_speedup=statistics.median(steady(1, t) / steady(2, t) for t in range(args.repeats)))
     results['memory'] = {str(files): command_seconds(sign, folder, 1, args.workers, args.tiny)
                          for files, folder in folders.items()}
     return results
@@ -322,8 +352,8 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
 def to_markdown(results: Dict[str, Any]) -> str:
     mp = results['megapixels']
     lines = [f"{results['images']} JPEGs (q90) of {mp['min']:.1f} to {mp['max']:.1f} MP (mean {mp['mean']:.1f}, "
-             f"{mp['above_8']} above 8 MP), each at its own size; one process, one torch thread, "
-             f"{results['workers']} DataLoader worker(s), batches of {results['batch_size']}; median of "
+             f"{mp['above_8']} above 8 MP), each at its own size; one process, {results['threads']} torch "
+             f"thread(s), {results['workers']} DataLoader worker(s), batches of {results['batch_size']}; median of "
              f"{results['repeats']} turns. Machine: {results['machine']['processor']}, "
              f"{results['machine']['cpu_count']} cores, torch {results['machine']['torch']}.", '']
     names = dict(predict='`lookwhere predict` (uint8 to the model)', float='float pipeline (create_native_transform)',
@@ -347,19 +377,26 @@ def to_markdown(results: Dict[str, Any]) -> str:
                          f"| {row['predict_speedup']:.2f}x | {shares} |")
         targets = model['targets']
         lines += ['', f"`predict` over the float pipeline: **{targets['predict_over_float']:.2f}x**; its time per "
-                      f"image over decode alone + model alone: **{targets['predict_per_image_over_limits']:.2f}x**.",
+                      f"image over decode alone + model alone: **{targets['predict_per_image_over_limits']:.2f}x**; "
+                      f"the model alone over the float pipeline (the bound of any input path): "
+                      f"{targets['model_alone_over_float']:.2f}x.",
                   '']
     torchrun = results['torchrun']
     one, two = (torchrun['runs'][p][str(torchrun['files'])]['wall_s'] for p in ('1', '2'))
     lines += [f"`lookwhere predict` as a command, the sign model, one torch thread a process, decoding in the process "
-              f"(no loader workers): {torchrun['files']} files in {one:.1f} s on one process, {two:.1f} s on two under "
-              f"torchrun, **{torchrun['speedup']:.2f}x** with start-up; once started (the difference of the runs on "
+              f"(no loader workers), the two taking turns, medians of {results['repeats']}: {torchrun['files']} "
+              f"files in {one:.1f} s on one process, {two:.1f} s on two under torchrun, "
+              f"**{torchrun['speedup']:.2f}x** with start-up; once started (the difference of the runs on "
               f"{results['images']} and {torchrun['files']} files), **{torchrun['steady_speedup']:.2f}x**.", '',
               f"Memory: `lookwhere predict` with {results['workers']} loader worker(s), the largest process's peak "
               "resident memory:", '', '| files | peak resident memory (MB) | wall time (s) |', '|---|---|---|']
     for files, row in results['memory'].items():
         lines.append(f"| {files} | {row['peak_mb']:.0f} | {row['wall_s']:.1f} |")
     return '\n'.join(lines)
+
+
+LEGEND = dict(predict='lookwhere predict', float='float pipeline', timm="timm's inference.py (ViT, resized)",
+              decode='decode alone', model='model alone')
 
 
 def plot(results: Dict[str, Any], path: Path) -> None:
@@ -369,16 +406,18 @@ def plot(results: Dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
     models = list(results['models'].values())
     names = list(models[0]['rows'])
-    fig, ax = plt.subplots(figsize=(7.5, 3.8), dpi=120)
+    fig, ax = plt.subplots(figsize=(9, 4.2), dpi=120)
     width = 0.8 / len(names)
     for i, name in enumerate(names):
         values = [m['rows'][name]['images_per_s'] for m in models]
-        bars = ax.bar([j + i * width for j in range(len(models))], values, width, label=name)
+        bars = ax.bar([j + i * width for j in range(len(models))], values, width, label=LEGEND[name])
         ax.bar_label(bars, fmt='%.1f', fontsize=7)
-    ax.set_xticks([j + width * (len(names) - 1) / 2 for j in range(len(models))], [m['label'] for m in models])
+    ax.set_xticks([j + width * (len(names) - 1) / 2 for j in range(len(models))],
+                  [textwrap.fill(m['label'], 24) for m in models], fontsize=8)
     ax.set_ylabel('images / s, end to end (higher is better)')
-    ax.set_title(f"From JPEG files (0.3-12 MP) to answers, one process, {results['workers']} loader worker")
-    ax.legend(fontsize=7, ncol=len(names))
+    ax.set_title(f"From JPEG files (0.3-12 MP) to answers: one process, {results['threads']} thread(s), "
+                 f"{results['workers']} loader worker(s)", fontsize=9)
+    ax.legend(fontsize=7, ncol=3)
     ax.grid(axis='y', alpha=0.3)
     fig.tight_layout()
     fig.savefig(path)
@@ -393,8 +432,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument('--slow-images', type=int, default=16,
                         help="the files the full-res ViT-B and the steps' timing of lookwhere_vitb_518 read "
                              '(default: %(default)s: every size at least once)')
-    parser.add_argument('--workers', type=int, default=1, help='DataLoader workers (default: %(default)s)')
-    parser.add_argument('--repeats', type=int, default=2, help='timed turns of every pipeline (default: %(default)s)')
+    parser.add_argument('--workers', type=int, default=2,
+                        help="DataLoader workers (default: %(default)s, predict's default here: one a core)")
+    parser.add_argument('--threads', type=int, default=2,
+                        help="torch threads of the process (default: %(default)s, torch's default here)")
+    parser.add_argument('--models', nargs='+', default=list(MODELS), choices=list(MODELS),
+                        help='the models to time (default: all)')
+    parser.add_argument('--name', default='pipeline', help='results file names, NAME.{json,md,png} (default: pipeline)')
+    parser.add_argument('--repeats', type=int, default=3, help='timed turns of every pipeline (default: %(default)s)')
     parser.add_argument('--work', default=os.path.join(tempfile.gettempdir(), 'lookwhere_pipeline'),
                         help='where the folder of images is made (and kept)')
     parser.add_argument('--out', default=str(RESULTS), help='where pipeline.{json,md,png} go')
@@ -402,7 +447,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.tiny:
         args.images, args.many, args.repeats, args.slow_images = 6, 12, 1, 4
-        MODELS['vitb'] = dict(MODELS['vitb'], k=None, k_ratio=0.1)  # the small images have fewer than 256 patches
+        for key in ('vitb', 'sign_k256'):  # the small images have fewer than 256 patches
+            MODELS[key] = dict(MODELS[key], k=None, k_ratio=0.1)
+        MODELS['sign_2mp'] = dict(MODELS['sign_2mp'], min_megapixels=2.0 / 64)  # sides an eighth
         args.work = os.path.join(args.work, 'tiny')
         args.out = os.path.join(args.work, 'results')
     return args
@@ -412,7 +459,7 @@ def main(argv=None) -> Dict[str, Any]:
     args = parse_args(argv)
     results = run(args)
     out = Path(args.out)
-    save_results(results, out, 'pipeline', to_markdown, plot)
+    save_results(results, out, args.name, to_markdown, plot)
     return results
 
 

@@ -270,3 +270,26 @@ def test_mixed_sizes_refuses_counts_below_one():
     mixed_sizes = script('mixed_sizes')
     with pytest.raises(SystemExit):
         mixed_sizes.parse_args(['--images', '0'])
+
+
+def test_pipeline_folder_spans_the_issues_sizes_with_a_third_above_8_megapixels():
+    pipeline = script('pipeline')
+    megapixels = [w * h / 1e6 for w, h in pipeline.SIZES]
+    assert round(min(megapixels), 1) == 0.3 and max(megapixels) == 12
+    assert sum(mp > 8 for mp in megapixels) == len(megapixels) // 3
+
+
+@pytest.mark.slow
+def test_pipeline_times_every_pipeline_the_command_under_torchrun_and_its_memory(tmp_path):
+    pipeline = script('pipeline')
+    results = pipeline.main(['--tiny', '--work', str(tmp_path)])
+    assert set(results['models']) == {'sign', 'sign_2mp', 'sign_k256', 'vitb'}
+    for model in results['models'].values():
+        assert set(model['rows']) == {'predict', 'float', 'timm', 'decode', 'model'}
+        assert all(row['images_per_s'] > 0 for row in model['rows'].values())
+        assert model['steps']['predict']['preprocess'] < model['steps']['float']['preprocess']
+    assert results['models']['sign_2mp']['rows']['predict']['images'] < results['images']
+    assert set(results['torchrun']['runs']) == {'1', '2'} and set(results['memory']) == {'6', '12'}
+    out = tmp_path / 'tiny' / 'results'
+    assert (out / 'pipeline.png').read_bytes()[:4] == b'\x89PNG'
+    assert 'under torchrun' in (out / 'pipeline.md').read_text()
