@@ -103,3 +103,10 @@ def assert_same_selection(now_indices, now_map, before_indices, before_map, name
         assert not far, f'{name}, image {i}: patches {far} entered or left the selection, not near-ties'
         scores = now_map[i, now_indices[i]]
         assert bool((scores[:-1] >= scores[1:]).all()), f'{name}, image {i}: ids not best first'
+
+
+def pytest_collection_modifyitems(items):
+    """Full-size models take seconds each: they are left out of the quick loop (-m "not slow") too."""
+    for item in items:
+        if item.get_closest_marker('full_size'):
+            item.add_marker(pytest.mark.slow)

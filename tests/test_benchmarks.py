@@ -101,6 +101,7 @@ report_peak_memory(lambda: torch.ones(spec['mib'], 2 ** 20, dtype=torch.uint8).a
 '''
 
 
+@pytest.mark.slow
 def test_a_fresh_process_reports_its_peak_or_names_its_error(tmp_path):
     probe = tmp_path / 'probe.py'
     probe.write_text(PROBE)
@@ -161,6 +162,7 @@ def test_low_res_baseline_keeps_as_many_patches_as_lookwhere():
     assert zoo.lowres_size(518, 0.1) == 14 * 12  # 144 patches, the square closest to 136
 
 
+@pytest.mark.slow
 def test_tiny_configuration_runs_end_to_end(tmp_path):
     results = speed.main([
         '--tiny', '--sizes', '112', '--lookwhere-only-sizes', '224', '--lookwhere-only-k-ratios', '0.25',
@@ -193,6 +195,7 @@ def test_tiny_configuration_runs_end_to_end(tmp_path):
         assert (tmp_path / plot).read_bytes()[:4] == b'\x89PNG'
 
 
+@pytest.mark.slow
 def test_memory_probe_measures_one_call_in_a_fresh_process():
     args = speed.parse_args(['--tiny', '--reps', '1'])
     cand = speed.Candidate('lookwhere', 112, 0.25)
@@ -200,6 +203,7 @@ def test_memory_probe_measures_one_call_in_a_fresh_process():
     assert result is not None and result['peak_mb'] > 0 and result['method']
 
 
+@pytest.mark.slow
 def test_bfloat16_autocast_runs_the_models_in_bfloat16(tmp_path):
     args = speed.parse_args(['--tiny', '--amp', '--device', 'cpu', '--reps', '2'])
     zoo = speed.ModelZoo(tiny=True, device=args.device)
@@ -224,6 +228,7 @@ def test_bfloat16_autocast_runs_the_models_in_bfloat16(tmp_path):
     assert 'bfloat16 autocast' in (tmp_path / 'speed.md').read_text()
 
 
+@pytest.mark.slow
 def test_native_resolution_times_one_dynamic_model_beside_fixed_ones_and_plots_it(tmp_path):
     native_resolution = script('native_resolution')
     results = native_resolution.main(['--tiny', '--sizes', '112x112', '140x252', '--k-ratios', '0.25', '--outputs',
@@ -248,6 +253,7 @@ def test_native_resolution_sizes_must_be_whole_patches():
         native_resolution.parse_args(['--sizes', '500x500'])
 
 
+@pytest.mark.slow
 def test_mixed_sizes_times_every_method_over_the_same_images_and_plots_them(tmp_path):
     mixed_sizes = script('mixed_sizes')
     sizes = mixed_sizes.image_sizes(64, seed=0)

@@ -21,6 +21,7 @@ def train_step_grads(forward, model, x, labels):
     return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
+@pytest.mark.slow
 def test_compiled_training_step_is_one_graph_and_matches_eager(model, images):
     """fullgraph=True: dynamo must capture selector, top-k, patch gather and blocks with no graph break;
     aot_eager traces forward and backward through AOTAutograd, as inductor would, without its C++ build."""
@@ -37,6 +38,7 @@ def test_compiled_training_step_is_one_graph_and_matches_eager(model, images):
         torch.testing.assert_close(grads[name], eager_grads[name], rtol=1e-4, atol=1e-5, msg=name)
 
 
+@pytest.mark.slow
 def test_inductor_compiled_model_matches_eager(model, images):
     torch._dynamo.reset()
     compiled = torch.compile(model, fullgraph=True)  # inductor: generated C++ kernels on CPU
@@ -46,6 +48,7 @@ def test_inductor_compiled_model_matches_eager(model, images):
             torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_onnx_export_runs_in_onnxruntime_and_matches_torch(model, images, tmp_path):
     batch = torch.export.Dim('batch', min=1, max=64)
     program = torch.onnx.export(model, (images(2),), dynamo=True, input_names=['images'], output_names=['logits'],
@@ -71,6 +74,7 @@ class DenseOutput(torch.nn.Module):
         return self.model.forward_dense(x)
 
 
+@pytest.mark.slow
 def test_onnx_export_of_dense_output_matches_torch_on_every_cell(model, images, tmp_path):
     program = torch.onnx.export(DenseOutput(model), (images(2),), dynamo=True, input_names=['images'],
                                 output_names=['dense'], verbose=False)

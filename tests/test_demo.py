@@ -126,6 +126,7 @@ def test_missing_image_is_reported_not_raised(tmp_path, capsys):
     assert 'nope.jpg does not exist' in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_demo_of_hub_model_without_network_says_what_to_do(tmp_path):
     """`python -m timm_lookwhere demo --model lookwhere_vitb_518`, offline and with an empty cache."""
     photo = tmp_path / 'photo.png'
@@ -183,6 +184,7 @@ SHIPPED_ACCURACY = {  # name: (scene side, sign area range, seed, measured accur
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('name', sorted(SHIPPED_ACCURACY))
 def test_shipped_sign_model_keeps_its_accuracy_on_fresh_test_scenes(name):
     side, area_range, seed, measured, floor = SHIPPED_ACCURACY[name]

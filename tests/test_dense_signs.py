@@ -154,6 +154,7 @@ SHIPPED_MIOU = 0.625
 SHIPPED_FLOOR = 0.545
 
 
+@pytest.mark.slow
 def test_shipped_segmenter_keeps_its_miou_on_fresh_scenes():
     from timm_lookwhere.segmentation import confusion_matrix, create_segmenter, mean_iou
     model = create_segmenter('lookwhere_vitt16_512.dense_signs', pretrained=True, k_ratio=0.1).eval()

@@ -404,6 +404,7 @@ def test_teacher_kwargs_may_repeat_the_students_size_and_set_the_classifier(run_
                             'img_size=224'), r'img_size=224 differs from the student\'s 112x112.*--img-size')
 
 
+@pytest.mark.slow
 def test_teacher_weights_missing_offline_say_which_and_how_to_pass_a_file(run_files, tmp_path):
     args = cli_args(run_files, tmp_path / 'out', '--steps', '2')
     i = args.index('--teacher-checkpoint')

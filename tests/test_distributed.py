@@ -14,6 +14,7 @@ import torch
 import ddp_step
 
 WORKER = Path(__file__).with_name('ddp_step.py')
+pytestmark = pytest.mark.slow  # torchrun starts two processes
 
 
 @pytest.fixture(scope='module')

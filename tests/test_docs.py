@@ -113,6 +113,7 @@ def page_environment(authors_hub, tmp_path_factory, monkeypatch):
     return enter
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings('ignore:This DataLoader will create:UserWarning')  # many-sizes.md's 4 workers, 2 cores
 @pytest.mark.parametrize('path, index', [
     pytest.param(path, index, id=f'{path}:{line}') for path, page in PAGE_STATE.items()

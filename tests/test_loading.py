@@ -142,6 +142,7 @@ def run_offline(cache, script):
                           cwd=os.path.dirname(__file__), timeout=300)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('name, filename', [('lookwhere_vitb_518', 'lookwhere_dinov2.pt'),
                                             ('lookwhere_vitb_franca_518', 'lookwhere_franca.pt')])
 def test_pretrained_true_loads_the_authors_file_from_an_offline_hub_cache(tmp_path, images, name, filename):
@@ -163,6 +164,7 @@ def test_pretrained_true_loads_the_authors_file_from_an_offline_hub_cache(tmp_pa
         torch.testing.assert_close(torch.load(tmp_path / 'y.pt'), source(x))
 
 
+@pytest.mark.slow
 def test_no_hub_and_no_cache_says_how_to_load_a_local_file(tmp_path):
     (tmp_path / 'hub').mkdir()
     result = run_offline(tmp_path / 'hub', """

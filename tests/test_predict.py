@@ -398,6 +398,7 @@ def test_strict_stops_at_the_first_bad_file(tmp_path, photos, tiny_checkpoint, c
                        '--part-size', '4') == EXIT_BAD_FILES  # without --strict it goes on and records it
 
 
+@pytest.mark.slow
 def test_a_second_launch_on_a_running_output_is_refused_naming_the_holder(tmp_path, photos, tiny_checkpoint, capsys):
     folder, _ = photos
     output = tmp_path / 'out'
@@ -510,6 +511,7 @@ def test_argparse_refuses_both_k_and_k_ratio_with_exit_2(capsys):
     assert exit_info.value.code == 2 and 'not allowed with argument' in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_the_command_runs_as_lookwhere_predict_and_python_m(tmp_path, tiny_checkpoint):
     folder = tmp_path / 'photos'
     folder.mkdir()

@@ -32,6 +32,7 @@ def hooks(target='fake_target'):
 # this environment, as `pip install -e .` (CI) or `pip install .` left it
 
 
+@pytest.mark.slow
 def test_fresh_interpreter_creates_lookwhere_models_without_importing_the_package(tmp_path):
     result = python(f"""
         import timm
@@ -149,6 +150,7 @@ def copy_project(dst):
     return dst
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('kind', ['wheel', 'editable'])
 def test_wheel_ships_the_pth_file_that_hooks_timm_in_a_fresh_site(tmp_path, kind):
     project = copy_project(tmp_path / 'project')
