@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -121,7 +122,6 @@ def test_the_output_has_the_documented_schema_read_back_with_pyarrow_and_pandas(
     assert sorted(table['path'].to_pylist()) == sorted(os.path.normpath(p) for p in map(str, made['good']))
     assert table.num_rows + errors.num_rows == len(made['good']) + len(made['bad'])
     assert sorted(table['index'].to_pylist() + errors['index'].to_pylist()) == list(range(table.num_rows + len(errors)))
-    pandas = pytest.importorskip('pandas')
     frame = pandas.read_parquet(output / 'predictions')
     assert len(frame) == table.num_rows and list(frame.columns) == table.column_names
 
