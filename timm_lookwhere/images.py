@@ -42,8 +42,6 @@ IMAGE_ERROR_KINDS = ('missing', 'folder', 'empty', 'not an image', 'truncated', 
 # Pillow's names of the formats torchvision decodes (an MPO is a phone's JPEG with a second, depth, image)
 _TORCHVISION_FORMATS = frozenset({'JPEG', 'MPO', 'PNG', 'WEBP', 'GIF'})
 _TORCHVISION_DEPRECATION = 'The image decoding and encoding capabilities of TorchVision are deprecated'
-# torchvision's GIF and WebP decoders ignore ImageReadMode.GRAY (they give RGB or RGBA): Pillow makes those grey
-_COLOUR_ONLY_FORMATS = frozenset({'GIF', 'WEBP'})
 _SIXTEEN_BIT_MODES = frozenset({'I;16', 'I;16L', 'I;16B', 'I;16N', 'I'})
 _pillow_limit = threading.Lock()  # guards Image.MAX_IMAGE_PIXELS while a call with its own limit opens a file
 
@@ -117,7 +115,7 @@ def decode_image_bytes(
         raise ImageError('is empty (0 bytes): an interrupted copy or download?', 'empty', name)
     header = _open_header(data, pixel_limit, name)
     image = None
-    if header.format in _TORCHVISION_FORMATS and not (channels == 1 and header.format in _COLOUR_ONLY_FORMATS):
+    if header.format in _TORCHVISION_FORMATS:
         mode = torchvision.io.ImageReadMode.RGB if channels == 3 else torchvision.io.ImageReadMode.GRAY
         encoded = torch.frombuffer(bytearray(data), dtype=torch.uint8)
         try:
@@ -129,7 +127,7 @@ def decode_image_bytes(
     if image is not None and image.dim() == 4:  # an animated GIF or WebP: its first frame
         image = image[0]
     if image is not None and image.shape[0] != channels:
-        image = None  # a decoder that ignored the mode asked for: Pillow converts it
+        image = None  # a decoder that ignored the mode asked for (GIF and WebP give colour for grey): Pillow's
     if image is None:
         image = _decode_with_pillow(header, channels, name)
     return to_8bit(image)

@@ -78,6 +78,13 @@ def check_image_batch(
     return x
 
 
+def per_channel(values, channels: int) -> List[float]:
+    """A pixel mean or std (one value, or one a channel) as `channels` values; another count than the channels
+    (ImageNet's three for a one-channel model) serves as its average."""
+    values = [float(v) for v in (values if isinstance(values, (list, tuple)) else [values])]
+    return values if len(values) == channels else [sum(values) / len(values)] * channels
+
+
 @register_notrace_function
 def normalize_pixels(pixels: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, channel_dim: int) -> torch.Tensor:
     """uint8 pixels -> float32 (x / 255 - mean) / std per channel (`channel_dim`), the operations of torchvision's

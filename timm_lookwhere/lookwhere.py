@@ -43,7 +43,7 @@ from .checkpoints import (
     stored_num_classes, weights_unavailable_message,
 )
 from .dense import idw_fill
-from .layers import SparsePatchEmbed, check_image_batch, low_res_copy
+from .layers import SparsePatchEmbed, check_image_batch, low_res_copy, per_channel
 from .many_sizes import attention_mask, is_many, pad_tokens, read_many, similar_k_groups, zero_padding
 
 __all__ = [
@@ -585,12 +585,7 @@ class LookWhere(nn.Module):
         """The mean and std (per channel, of pixels scaled to [0, 1]) that uint8 input is normalised with; the
         model factory sets its pretrained cfg's. One value (or another count than the channels: their average)
         serves every channel."""
-        values = {}
-        for name, given in (('mean', mean), ('std', std)):
-            given = [float(v) for v in (given if isinstance(given, (list, tuple)) else [given])]
-            if len(given) != self.in_chans:  # e.g. ImageNet's three for a one-channel model: their average
-                given = [sum(given) / len(given)] * self.in_chans
-            values[name] = given
+        values = dict(mean=per_channel(mean, self.in_chans), std=per_channel(std, self.in_chans))
         if any(v <= 0 for v in values['std']):
             raise ValueError(f"pixel std must be positive, got {values['std']}")
         with torch.no_grad():

@@ -74,6 +74,7 @@ from .checkpoints import load_checkpoint_file, stored_num_classes
 from .cli import non_negative_int, positive_int
 from .files import RunFolder, RunFolderError, replacing, setting_changes
 from .images import IMAGE_EXTENSIONS, ImageError, read_image
+from .layers import normalize_pixels, per_channel
 from .lookwhere import LookWhere, TopKSelect
 from .native_size import capped_size
 from .scenes import CLASS_NAMES, SEGMENTATION_CLASSES
@@ -391,15 +392,6 @@ class Preprocess:
         return TF.center_crop(image, list(self.input_size))
 
 
-def _per_channel(values: Sequence[float], channels: int, device: torch.device) -> torch.Tensor:
-    """A data config's mean or std as a (C, 1, 1) tensor; another count than the channels (ImageNet's three for a
-    grey model) serves as its average, as LookWhere.set_pixel_normalization does."""
-    values = [float(v) for v in (values if isinstance(values, (list, tuple)) else [values])]
-    if len(values) != channels:
-        values = [sum(values) / len(values)] * channels
-    return torch.tensor(values, device=device).view(-1, 1, 1)
-
-
 def _amp_dtype(amp_dtype: Any) -> Optional[torch.dtype]:
     """torch.bfloat16 or torch.float16 (or their names), or None: the dtypes torch.autocast runs."""
     if amp_dtype is None:
@@ -489,8 +481,8 @@ class Predictor:
                              'per class (--class-names: one a line)')
         self.data_config = _data_config(self.backbone)
         channels = self.data_config['input_size'][0]
-        self.mean = _per_channel(self.data_config['mean'], channels, self.device)  # (C, 1, 1)
-        self.std = _per_channel(self.data_config['std'], channels, self.device)
+        self.mean = torch.tensor(per_channel(self.data_config['mean'], channels), device=self.device)  # (C,)
+        self.std = torch.tensor(per_channel(self.data_config['std'], channels), device=self.device)
         topk = self.backbone.topk if self.lookwhere and own_size else None
         self.preprocess = Preprocess(self.data_config, own_size, max_pixels, patch, topk)
 
@@ -529,7 +521,7 @@ class Predictor:
         return rows
 
     def _normalise(self, x: torch.Tensor) -> torch.Tensor:
-        x = (x.float() / 255 - self.mean) / self.std
+        x = normalize_pixels(x, self.mean, self.std, x.dim() - 3)
         # in the weights' dtype (a bfloat16 model); under autocast float32 goes in, as autocast expects
         return x if self.amp_dtype else x.to(next(self.model.parameters()).dtype)
 

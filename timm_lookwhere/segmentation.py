@@ -31,7 +31,7 @@ from timm.models import PretrainedCfg, build_model_with_cfg, split_model_name_ta
 from timm.models.vision_transformer import checkpoint_filter_fn as vit_checkpoint_filter_fn
 
 from .dense import SelectorInformedFill
-from .layers import check_image_batch, normalize_pixels
+from .layers import check_image_batch, normalize_pixels, per_channel
 from .lookwhere import WEIGHTS_DIR, LookWhere, checkpoint_filter_fn
 from .teachers import create_teacher, window_features
 
@@ -215,8 +215,11 @@ class ViTSegmenter(nn.Module):
         check_image_batch(x, embed.proj.in_channels, self.patch_size, fixed_size,
                           pad=resized or fixed_size is not None or embed.dynamic_img_pad, dtype=embed.proj.weight.dtype)
         if x.dtype == torch.uint8:
-            mean = torch.tensor(self.pretrained_cfg.get('mean', IMAGENET_DEFAULT_MEAN), device=x.device)
-            std = torch.tensor(self.pretrained_cfg.get('std', IMAGENET_DEFAULT_STD), device=x.device)
+            channels = embed.proj.in_channels
+            mean = torch.tensor(per_channel(self.pretrained_cfg.get('mean', IMAGENET_DEFAULT_MEAN), channels),
+                                device=x.device)
+            std = torch.tensor(per_channel(self.pretrained_cfg.get('std', IMAGENET_DEFAULT_STD), channels),
+                               device=x.device)
             x = normalize_pixels(x, mean, std, 1).to(embed.proj.weight.dtype)
         if self.img_size is not None:
             x = F.interpolate(x, size=(self.img_size, self.img_size), mode='bilinear', antialias=True,
